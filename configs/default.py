@@ -1,0 +1,108 @@
+"""Default config: MLC-NC on the built-in `synthetic_lt` data, sized for a 2-core CPU.
+
+Every field any config uses is declared here; the other config files start from
+this one and change values only (the ConfigDict is locked, so a misspelt key is
+an error, on the command line too).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Compute dtype of the backbone and head; parameters stay float32.
+    c.dtype = "float32"  # 'float32' | 'bfloat16'
+    # 'jit': jax.jit over a 1-D 'data' mesh (default); 'pmap': jax.pmap with lax.pmean.
+    c.parallel = "jit"
+
+    c.data = ml_collections.ConfigDict()
+    # synthetic_lt | voc_lt | coco_lt | coco_json (own COCO-format files) | csv (own CSV files)
+    c.data.name = "synthetic_lt"
+    # Dataset root: COCO dir (annotations/, train2017/, val2017/) or the VOCdevkit dir
+    # (VOC2007/, VOC2012/); for synthetic_lt, where the generated data is kept.
+    c.data.root = "~/.cache/mlcnc_jax/datasets"
+    # Directory with the long-tailed split files (JSON or the original DB-loss files).
+    c.data.split_dir = ""
+    c.data.download_splits = False  # fetch missing split files from the public repository
+    c.data.image_source = "files"  # 'files' (user's copy) | 'tfds' (tfds-prepared coco/voc)
+    c.data.tfds_data_dir = ""  # data_dir of tfds-prepared datasets ('' = tfds default)
+    c.data.coco_test_all = False  # COCO val2017: all 5,000 images, or the 4,952 with labels
+    # The user's own data (coco_json: annotation + image dir; csv: "path,class names").
+    c.data.train_annotations = ""
+    c.data.train_images = ""
+    c.data.test_annotations = ""
+    c.data.test_images = ""
+    c.data.skip_corrupt = False  # skip unreadable images (and report them) instead of failing
+    c.data.head_min = 100  # head: >= head_min training images
+    c.data.tail_max = 20  # tail: < tail_max training images
+    # A validation split carved from the training data (fraction of images), used for
+    # model selection instead of the test split; 0 disables it.
+    c.data.val_fraction = 0.0
+    c.data.image_size = 64  # training crop / evaluation crop, pixels
+    c.data.resize_size = 73  # evaluation: resize shorter side, then centre crop (256/224)
+    c.data.sampling = "class_aware"  # 'class_aware' | 'uniform'
+    c.data.mean = (0.466, 0.471, 0.380)
+    c.data.std = (0.195, 0.194, 0.192)
+    # synthetic_lt generation.
+    c.data.synthetic_seed = 0
+    c.data.synthetic_classes = "target"  # 'target' (the 20 LT classes) | 'pretrain' (20 others)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlcnc"  # 'mlcnc' | 'baseline' (global pooling + linear classifier)
+    c.model.backbone = "resnet_small"  # resnet_small | resnet18 | resnet34 | resnet50 | resnet101
+    # Backbone weights: torchvision .safetensors/.pth file, or a workdir of this project.
+    c.model.pretrained = ""
+    c.model.embed_dim = 768
+    c.model.proj_dim = 20
+    c.model.attention = "mha"  # 'mha' (reference code) | 'cosine' (paper text)
+    c.model.num_heads = 8
+    c.model.attention_dropout = 0.1
+    c.model.classifier = "etf"  # 'etf' (frozen) | 'etf_trainable' | 'linear'
+    c.model.alpha = 1.0
+    c.model.logit_scale_init = 1.0
+    c.model.etf_seed = 0
+
+    c.loss = ml_collections.ConfigDict()
+    # Weights of the loss terms; a term with weight 0 is not computed.
+    c.loss.two_way = 1.0
+    c.loss.bce = 0.0
+    c.loss.focal = 0.0
+    c.loss.asl = 0.0
+    c.loss.db = 0.0
+    c.loss.fla = 0.5
+    c.loss.fpc = 0.2
+    c.loss.two_way_tp = 4.0
+    c.loss.two_way_tn = 1.0
+    c.loss.fpc_tau = 0.5
+    # Warm-up: the first warmup_epochs train FLA alone with weight warmup_fla.
+    c.loss.warmup_epochs = 5
+    c.loss.warmup_fla = 1.0
+    c.loss.prototypes = "previous_epoch"  # 'previous_epoch' (paper) | 'cumulative' (reference)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64  # global batch, over all hosts and devices
+    c.train.num_epochs = 30
+    c.train.steps_per_epoch = -1  # -1: an epoch of the sampler (class-aware: max_c n_c * K)
+    c.train.optimizer = "adam"
+    c.train.learning_rate = 1e-3
+    c.train.weight_decay = 1e-4  # L2 on weights only (no biases, no 1-D parameters)
+    c.train.schedule = "one_cycle"  # 'one_cycle' | 'constant'
+    c.train.warmup_fraction = 0.2
+    c.train.ema_decay = 0.9997
+    c.train.log_every_steps = 20
+    c.train.eval_every_epochs = 10
+    c.train.checkpoint_every_steps = 200
+    c.train.keep_checkpoints = 2
+    c.train.keep_best = False  # also keep the best checkpoint by test mAP (named best_*)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 128
+
+    c.predict = ml_collections.ConfigDict()
+    c.predict.threshold = 0.5
+    c.predict.inputs = ""  # image files or a folder, comma separated
+    c.predict.attention_maps = False
+
+    c.lock()
+    return c

@@ -1,0 +1,1 @@
+"""Datasets, long-tailed splits and the tf.data input pipeline."""

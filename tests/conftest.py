@@ -1,0 +1,23 @@
+"""Test set-up: 8 fake CPU devices, so data-parallel code paths run on one CPU."""
+
+import os
+import pathlib
+
+# Must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+# The official long-tailed split files live beside the repository in CI and in
+# development checkouts; a user's clone does not have them.
+SHARED_SPLITS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "lt_splits"
+
+
+@pytest.fixture
+def lt_splits_dir() -> pathlib.Path:
+    """Directory holding coco_lt.json, voc_lt.json and dbloss_appendix/."""
+    if not (SHARED_SPLITS / "coco_lt.json").exists():
+        pytest.skip(f"official split files not found at {SHARED_SPLITS} (only in CI/dev checkouts)")
+    return SHARED_SPLITS
