@@ -9,7 +9,7 @@ these records, so every source trains and evaluates through the same code.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,94 +19,94 @@ TAIL_MAX = 20  # a class with < TAIL_MAX training images is "tail"; between is "
 
 @dataclasses.dataclass
 class Split:
-  """One split of a multi-label dataset.
+    """One split of a multi-label dataset.
 
-  Attributes:
-    images: per image, either a file path (str) or the encoded image (bytes,
-      JPEG or PNG). All entries of one split have the same kind.
-    labels: [N, K] uint8 multi-hot labels.
-    ids: per image, its identifier in the source (COCO id, VOC name, ...).
-  """
+    Attributes:
+      images: per image, either a file path (str) or the encoded image (bytes,
+        JPEG or PNG). All entries of one split have the same kind.
+      labels: [N, K] uint8 multi-hot labels.
+      ids: per image, its identifier in the source (COCO id, VOC name, ...).
+    """
 
-  images: Sequence[str] | Sequence[bytes]
-  labels: np.ndarray
-  ids: Sequence
+    images: Sequence[str] | Sequence[bytes]
+    labels: np.ndarray
+    ids: Sequence
 
-  def __post_init__(self):
-    self.labels = np.asarray(self.labels, dtype=np.uint8)
-    if self.labels.ndim != 2:
-      raise ValueError(f"labels must be [N, K], got shape {self.labels.shape}")
-    if not (len(self.images) == len(self.labels) == len(self.ids)):
-      raise ValueError(
-        f"images ({len(self.images)}), labels ({len(self.labels)}) and ids "
-        f"({len(self.ids)}) must have the same length"
-      )
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.uint8)
+        if self.labels.ndim != 2:
+            raise ValueError(f"labels must be [N, K], got shape {self.labels.shape}")
+        if not (len(self.images) == len(self.labels) == len(self.ids)):
+            raise ValueError(
+                f"images ({len(self.images)}), labels ({len(self.labels)}) and ids "
+                f"({len(self.ids)}) must have the same length"
+            )
 
-  def __len__(self) -> int:
-    return len(self.labels)
+    def __len__(self) -> int:
+        return len(self.labels)
 
-  @property
-  def class_freq(self) -> np.ndarray:
-    """[K] int64: number of images that contain each class."""
-    return self.labels.astype(np.int64).sum(axis=0)
+    @property
+    def class_freq(self) -> np.ndarray:
+        """[K] int64: number of images that contain each class."""
+        return self.labels.astype(np.int64).sum(axis=0)
 
 
 def class_groups(
-  class_freq: Sequence[int], head_min: int = HEAD_MIN, tail_max: int = TAIL_MAX
+    class_freq: Sequence[int], head_min: int = HEAD_MIN, tail_max: int = TAIL_MAX
 ) -> dict[str, list[int]]:
-  """Splits classes into head / medium / tail by their training frequency.
+    """Splits classes into head / medium / tail by their training frequency.
 
-  Args:
-    class_freq: [K] number of training images per class.
-    head_min: classes with at least this many images are head.
-    tail_max: classes with fewer than this many images are tail.
+    Args:
+      class_freq: [K] number of training images per class.
+      head_min: classes with at least this many images are head.
+      tail_max: classes with fewer than this many images are tail.
 
-  Returns:
-    {'head': [...], 'medium': [...], 'tail': [...]} of class indices.
-  """
-  freq = np.asarray(class_freq)
-  return {
-    "head": [int(i) for i in np.flatnonzero(freq >= head_min)],
-    "medium": [int(i) for i in np.flatnonzero((freq >= tail_max) & (freq < head_min))],
-    "tail": [int(i) for i in np.flatnonzero(freq < tail_max)],
-  }
+    Returns:
+      {'head': [...], 'medium': [...], 'tail': [...]} of class indices.
+    """
+    freq = np.asarray(class_freq)
+    return {
+        "head": [int(i) for i in np.flatnonzero(freq >= head_min)],
+        "medium": [int(i) for i in np.flatnonzero((freq >= tail_max) & (freq < head_min))],
+        "tail": [int(i) for i in np.flatnonzero(freq < tail_max)],
+    }
 
 
 @dataclasses.dataclass
 class MultiLabelDataset:
-  """A long-tailed multi-label dataset: train and test splits plus class facts.
+    """A long-tailed multi-label dataset: train and test splits plus class facts.
 
-  Attributes:
-    name: dataset name, e.g. 'coco_lt'.
-    class_names: [K] class names in label order.
-    train: the (long-tailed) training split.
-    test: the test split.
-    class_split: {'head', 'medium', 'tail'} class index lists. Defaults to the
-      groups computed from the training frequencies.
-  """
+    Attributes:
+      name: dataset name, e.g. 'coco_lt'.
+      class_names: [K] class names in label order.
+      train: the (long-tailed) training split.
+      test: the test split.
+      class_split: {'head', 'medium', 'tail'} class index lists. Defaults to the
+        groups computed from the training frequencies.
+    """
 
-  name: str
-  class_names: list[str]
-  train: Split
-  test: Split
-  class_split: dict[str, list[int]] | None = None
+    name: str
+    class_names: list[str]
+    train: Split
+    test: Split
+    class_split: dict[str, list[int]] | None = None
 
-  def __post_init__(self):
-    k = len(self.class_names)
-    for split_name, split in (("train", self.train), ("test", self.test)):
-      if split.labels.shape[1] != k:
-        raise ValueError(
-          f"{split_name} labels have {split.labels.shape[1]} classes but there are "
-          f"{k} class names"
-        )
-    if self.class_split is None:
-      self.class_split = class_groups(self.train.class_freq)
+    def __post_init__(self):
+        k = len(self.class_names)
+        for split_name, split in (("train", self.train), ("test", self.test)):
+            if split.labels.shape[1] != k:
+                raise ValueError(
+                    f"{split_name} labels have {split.labels.shape[1]} classes but there are "
+                    f"{k} class names"
+                )
+        if self.class_split is None:
+            self.class_split = class_groups(self.train.class_freq)
 
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
-  @property
-  def class_freq(self) -> np.ndarray:
-    """[K] training images per class."""
-    return self.train.class_freq
+    @property
+    def class_freq(self) -> np.ndarray:
+        """[K] training images per class."""
+        return self.train.class_freq

@@ -1,0 +1,34 @@
+"""MLC-NC on VOC-LT with the reference recipe (METHOD.md §3).
+
+Data: --config.data.root=DIR where DIR is the VOCdevkit folder holding
+VOC2012/ (trainval: JPEGImages/, Annotations/) and VOC2007/ (test). The
+long-tailed split files go in DIR/lt_splits/ (or --config.data.split_dir).
+Weights: torchvision ResNet-50 ImageNet weights as .safetensors (or .pth with
+torch installed) at --config.model.pretrained.
+"""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.data.name = "voc_lt"
+    c.data.root = "~/data/VOCdevkit"
+    c.data.image_size = 224
+    c.data.resize_size = 256
+    c.data.sampling = "class_aware"
+    c.model.backbone = "resnet50"
+    c.model.pretrained = "~/.cache/mlcnc_jax/weights/resnet50_imagenet.safetensors"
+    c.dtype = "bfloat16"  # mixed precision: bfloat16 compute, float32 parameters
+    c.train.batch_size = 64
+    c.train.num_epochs = 100
+    c.train.steps_per_epoch = -1  # class-aware epoch: max_c n_c * K = 15,500 samples
+    c.train.learning_rate = 1e-4
+    c.train.weight_decay = 1e-4
+    c.train.ema_decay = 0.9997
+    c.train.eval_every_epochs = 5
+    c.train.log_every_steps = 50
+    c.train.checkpoint_every_steps = 1000
+    c.eval.batch_size = 64
+    c.loss.warmup_epochs = 5
+    return c

@@ -1,0 +1,212 @@
+"""Dataset registry: `config.data` -> `MultiLabelDataset`, with image checks and validation carving.
+
+Sources (config.data.name):
+  synthetic_lt  the built-in long-tailed data (no download)
+  coco_lt       COCO-LT from the user's COCO 2017 copy (or tfds coco/2017)
+  voc_lt        VOC-LT from the user's VOCdevkit (or tfds voc/2012 + voc/2007)
+  coco_json     the user's own COCO-format annotation files
+  csv           the user's own CSV files (image path, space-separated class names)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from mlcnc_jax.data import coco, custom, voc
+from mlcnc_jax.data.dataset import MultiLabelDataset, Split, class_groups
+
+SOURCES = ("synthetic_lt", "coco_lt", "voc_lt", "coco_json", "csv")
+_CUSTOM = ("coco_json", "csv")
+# Show a progress bar when checking at least this many images.
+_PROGRESS_MIN = 500
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> MultiLabelDataset:
+    """Builds the dataset named by `config.data.name`.
+
+    File-based sources have every image checked (`check_images`). With
+    `config.data.val_fraction > 0` the returned dataset's test split is a validation split
+    carved from the training split (`carve_validation`), for model selection without the test
+    split.
+
+    Args:
+      config: the experiment config (fields of `config.data` and `config.seed`).
+
+    Returns:
+      The dataset.
+    """
+    d = config.data
+    if d.name == "synthetic_lt":
+        from mlcnc_jax.data import synthetic  # lazy: it needs tensorflow-datasets
+
+        dataset = synthetic.load(config)
+    elif d.name == "coco_lt":
+        dataset = coco.load_coco_lt(
+            d.root,
+            d.split_dir,
+            d.download_splits,
+            d.coco_test_all,
+            d.image_source,
+            d.tfds_data_dir,
+            d.head_min,
+            d.tail_max,
+        )
+    elif d.name == "voc_lt":
+        dataset = voc.load_voc_lt(
+            d.root,
+            d.split_dir,
+            d.download_splits,
+            d.image_source,
+            d.tfds_data_dir,
+            d.head_min,
+            d.tail_max,
+        )
+    elif d.name in _CUSTOM:
+        loader = custom.load_coco_json if d.name == "coco_json" else custom.load_csv
+        dataset = loader(
+            d.train_annotations,
+            d.train_images,
+            d.test_annotations,
+            d.test_images,
+            name=d.name,
+            head_min=d.head_min,
+            tail_max=d.tail_max,
+        )
+    else:
+        raise ValueError(f"unknown config.data.name {d.name!r}; expected one of {list(SOURCES)}")
+
+    if d.name != "synthetic_lt":
+        train = check_images(dataset.train, d.skip_corrupt)
+        test = check_images(dataset.test, d.skip_corrupt)
+        class_split = dataset.class_split
+        if d.name in _CUSTOM:  # groups follow the training counts, so recount after skipping
+            class_split = class_groups(train.class_freq, d.head_min, d.tail_max)
+        dataset = dataclasses.replace(dataset, train=train, test=test, class_split=class_split)
+    if d.val_fraction > 0:
+        dataset = carve_validation(dataset, d.val_fraction, config.seed)
+    return dataset
+
+
+def subset(split: Split, indices) -> Split:
+    """The images of `split` at `indices`, in that order."""
+    indices = np.asarray(indices, np.int64)
+    return Split(
+        images=[split.images[i] for i in indices],
+        labels=split.labels[indices],
+        ids=[split.ids[i] for i in indices],
+    )
+
+
+def _decode_error(path: str) -> str | None:
+    try:
+        with Image.open(path) as image:
+            image.load()  # full decode: a truncated file only fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_images(split: Split, skip_corrupt: bool) -> Split:
+    """Checks that every image file of `split` exists and decodes fully.
+
+    Splits whose images are encoded bytes (tfds sources) are returned unchanged.
+
+    Args:
+      split: a split whose images are file paths.
+      skip_corrupt: drop images that cannot be decoded (and log how many) instead of failing.
+
+    Returns:
+      The split, without the undecodable images when `skip_corrupt`.
+
+    Raises:
+      FileNotFoundError: an image file does not exist (always, whatever `skip_corrupt`).
+      ValueError: an image cannot be decoded and `skip_corrupt` is False.
+    """
+    if not len(split) or not isinstance(split.images[0], str):
+        return split
+    missing = [p for p in split.images if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image files not found, e.g. {missing[0]}"
+            + (f" and {missing[1]}" if len(missing) > 1 else "")
+            + ": check config.data.root / the image folders (the annotations name these files)"
+        )
+    from tqdm import tqdm
+
+    # PIL releases the GIL while decoding, so threads use all cores.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        errors = list(
+            tqdm(
+                pool.map(_decode_error, split.images, chunksize=16),
+                total=len(split),
+                desc="checking images",
+                disable=len(split) < _PROGRESS_MIN,
+            )
+        )
+    bad = [i for i, e in enumerate(errors) if e is not None]
+    if not bad:
+        return split
+    if not skip_corrupt:
+        first = bad[0]
+        raise ValueError(
+            f"{len(bad)} images cannot be decoded, e.g. {split.images[first]} ({errors[first]}). "
+            "Replace them, or skip such images with --config.data.skip_corrupt=True"
+        )
+    logging.warning(
+        "skipped %d of %d images that cannot be decoded (e.g. %s: %s)",
+        len(bad),
+        len(split),
+        split.images[bad[0]],
+        errors[bad[0]],
+    )
+    keep = np.setdiff1d(np.arange(len(split)), bad)
+    return subset(split, keep)
+
+
+def carve_validation(dataset: MultiLabelDataset, fraction: float, seed: int) -> MultiLabelDataset:
+    """Moves a fraction of the training images into a validation split.
+
+    Images are visited in a seeded random order and moved while every class they contain keeps
+    at least one training image, so no class loses all its training data where that can be
+    avoided. The class groups stay those of `dataset`, so validation and test metrics per group
+    are comparable.
+
+    Args:
+      dataset: the dataset.
+      fraction: share of the training images to move, in (0, 1).
+      seed: the random seed.
+
+    Returns:
+      A dataset named `<name>_val` whose train split is the rest and whose test split is the
+      validation split.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"config.data.val_fraction must be in [0, 1), got {fraction}")
+    labels = dataset.train.labels.astype(np.int64)
+    n = len(labels)
+    target = int(round(fraction * n))
+    remaining = labels.sum(axis=0)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A1]))
+    val = []
+    for i in rng.permutation(n):
+        if len(val) == target:
+            break
+        if np.all(remaining[labels[i] > 0] > 1):
+            val.append(i)
+            remaining -= labels[i]
+    val_idx = np.sort(np.asarray(val, np.int64))
+    train_idx = np.setdiff1d(np.arange(n), val_idx)
+    return MultiLabelDataset(
+        name=dataset.name + "_val",
+        class_names=list(dataset.class_names),
+        train=subset(dataset.train, train_idx),
+        test=subset(dataset.train, val_idx),
+        class_split=dataset.class_split,
+    )

@@ -1,0 +1,182 @@
+"""Predicting the classes of the user's own images with a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mlcnc_jax import checkpoint, train
+from mlcnc_jax.models import create_model
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+def list_inputs(inputs: str) -> list[str]:
+    """Image paths from a comma-separated list of files and folders."""
+    paths = []
+    for item in [s.strip() for s in inputs.split(",") if s.strip()]:
+        item = os.path.expanduser(item)
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(item, name)
+                for name in os.listdir(item)
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not found:
+                raise FileNotFoundError(
+                    f"The folder {item} holds no image files ({', '.join(IMAGE_EXTENSIONS)})."
+                )
+            paths.extend(found)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise FileNotFoundError(
+                f"No such image file or folder: {item} (from --config.predict.inputs)."
+            )
+    if not paths:
+        raise ValueError("Nothing to predict: set --config.predict.inputs=IMAGE_OR_FOLDER[,...].")
+    return paths
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes `<workdir>/predictions.json` (and attention maps when configured).
+
+    Uses the latest checkpoint of `workdir` (raw weights) and the class names
+    stored with it, so the dataset itself is not needed.
+
+    Returns:
+      The path of the JSON file.
+    """
+    from mlcnc_jax.data import pipeline
+
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    paths = list_inputs(config.predict.inputs)
+    probe = checkpoint.Checkpointer(workdir, {})
+    meta = probe.read_meta()
+    class_names = meta["model"]["class_names"]
+    num_classes = len(class_names)
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.pretrained = ""  # the checkpoint holds the weights
+    model = create_model(config, num_classes)
+    tx, _ = train.create_optimizer(config, total_steps=1)
+    target = train.create_train_state(config, model, tx, num_classes)
+    checkpointer = checkpoint.Checkpointer(workdir, train.model_fingerprint(config, class_names))
+    state = checkpointer.restore(target)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if state.etf:
+        variables["etf"] = state.etf
+
+    @jax.jit
+    def forward(images):
+        out = model.apply(variables, images, train=False)
+        result = {"scores": jax.nn.sigmoid(out["logits"].astype(jnp.float32))}
+        if "attention" in out:
+            result["attention"] = out["attention"]
+        return result
+
+    predictions = []
+    attention_dir = os.path.join(workdir, "attention")
+    for path in paths:
+        with open(path, "rb") as f:
+            encoded = f.read()
+        try:
+            image = pipeline.preprocess_for_eval(encoded, config)
+        except Exception as e:  # noqa: BLE001 - any decoder error means the same to the user
+            raise ValueError(
+                f"Cannot decode the image {path}: {e}. Is it a valid JPEG/PNG file?"
+            ) from e
+        out = jax.device_get(forward(image[None]))
+        scores = out["scores"][0]
+        order = np.argsort(-scores)
+        chosen = [int(i) for i in order if scores[i] >= config.predict.threshold]
+        entry = {
+            "image": path,
+            "classes": [{"name": class_names[i], "score": float(scores[i])} for i in chosen],
+            "scores": {class_names[i]: float(scores[i]) for i in range(num_classes)},
+        }
+        if config.predict.attention_maps:
+            if "attention" not in out:
+                raise ValueError(
+                    "Attention maps need the MLC-NC model (config.model.name='mlcnc')."
+                )
+            shown = chosen or [int(order[0])]
+            os.makedirs(attention_dir, exist_ok=True)
+            out_path = os.path.join(
+                attention_dir, os.path.splitext(os.path.basename(path))[0] + ".png"
+            )
+            save_attention_map(
+                out_path, image, out["attention"][0], shown, class_names, scores, config
+            )
+            entry["attention_map"] = out_path
+        predictions.append(entry)
+    out_path = os.path.join(workdir, "predictions.json")
+    with open(out_path, "w") as f:
+        json.dump(
+            {
+                "threshold": config.predict.threshold,
+                "step": meta["step"],
+                "predictions": predictions,
+            },
+            f,
+            indent=1,
+        )
+    logging.info("Wrote predictions for %d image(s) to %s", len(paths), out_path)
+    return out_path
+
+
+def save_attention_map(
+    path: str,
+    image: np.ndarray,
+    attention: np.ndarray,
+    classes: list[int],
+    class_names: list[str],
+    scores: np.ndarray,
+    config: ml_collections.ConfigDict,
+) -> None:
+    """Saves the image beside one heat map per class of where that class's query attended.
+
+    Args:
+      path: PNG to write.
+      image: [H, W, 3] normalised model input.
+      attention: [K, N] attention weights over the N = h*w backbone tokens.
+      classes: class indices to show.
+      class_names: all class names.
+      scores: [K] sigmoid scores.
+      config: the config (for the normalisation constants).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rgb = np.clip(image * np.asarray(config.data.std) + np.asarray(config.data.mean), 0, 1)
+    n = attention.shape[-1]
+    side = int(round(np.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"Cannot lay {n} attention tokens out as a square grid.")
+    fig, axes = plt.subplots(1, len(classes) + 1, figsize=(3 * (len(classes) + 1), 3.2))
+    axes[0].imshow(rgb)
+    axes[0].set_title("input", fontsize=9)
+    for ax, c in zip(axes[1:], classes):
+        heat = np.asarray(attention[c], np.float32).reshape(side, side)
+        ax.imshow(rgb)
+        ax.imshow(
+            heat,
+            cmap="jet",
+            alpha=0.5,
+            extent=(0, rgb.shape[1], rgb.shape[0], 0),
+            interpolation="bilinear",
+        )
+        ax.set_title(f"{class_names[c]} ({scores[c]:.2f})", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,133 @@
+"""Evaluation reports: the per-class JSON and the AP-against-frequency plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+GROUP_COLOURS = {"head": "tab:blue", "medium": "tab:orange", "tail": "tab:red"}
+
+
+def to_json(value: Any) -> Any:
+    """Converts numpy values and NaN (-> None) into plain JSON-able Python."""
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return to_json(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def group_of(class_split: dict[str, Sequence[int]], num_classes: int) -> list[str]:
+    """The group name ('head' / 'medium' / 'tail') of every class."""
+    groups = [""] * num_classes
+    for name, indices in class_split.items():
+        for i in indices:
+            groups[int(i)] = name
+    return groups
+
+
+def write_eval_report(
+    workdir: str,
+    results: dict,
+    *,
+    class_names: Sequence[str],
+    class_freq: np.ndarray,
+    class_split: dict[str, Sequence[int]],
+    dataset: str,
+) -> str:
+    """Writes `eval_<step>.json` and `ap_vs_freq_<step>.png`; returns the JSON path."""
+    step = results["step"]
+    groups = group_of(class_split, len(class_names))
+    per_class = [
+        {
+            "class": name,
+            "index": i,
+            "train_images": int(class_freq[i]),
+            "group": groups[i],
+            "ap_raw": results["raw"]["ap"][i],
+            "ap_ema": results["ema"]["ap"][i],
+        }
+        for i, name in enumerate(class_names)
+    ]
+    report = {
+        "step": step,
+        "dataset": dataset,
+        "num_images_scored": results["num_images_scored"],
+        "num_images_expected": results["num_images_expected"],
+        "map_raw": results["raw"]["map"],
+        "map_ema": results["ema"]["map"],
+        "neural_collapse_raw": results["raw"]["neural_collapse"],
+        "neural_collapse_ema": results["ema"]["neural_collapse"],
+        "class_split": class_split,
+        "per_class": per_class,
+    }
+    path = os.path.join(workdir, f"eval_{step}.json")
+    with open(path, "w") as f:
+        json.dump(to_json(report), f, indent=1)
+    plot_ap_vs_frequency(
+        os.path.join(workdir, f"ap_vs_freq_{step}.png"),
+        np.asarray(results["raw"]["ap"]),
+        class_freq,
+        groups,
+        class_names,
+        title=f"{dataset}, step {step}: per-class AP vs training images (mAP {results['raw']['map']['total']:.1f})",
+    )
+    return path
+
+
+def plot_ap_vs_frequency(
+    path: str,
+    ap: np.ndarray,
+    class_freq: np.ndarray,
+    groups: Sequence[str],
+    class_names: Sequence[str],
+    title: str = "",
+) -> None:
+    """Scatter of per-class AP (%) against training frequency (log x), coloured by group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    freq = np.maximum(np.asarray(class_freq), 1)
+    for group, colour in GROUP_COLOURS.items():
+        idx = [i for i, g in enumerate(groups) if g == group]
+        if idx:
+            ax.scatter(
+                freq[idx], 100 * ap[idx], c=colour, label=f"{group} ({len(idx)} classes)", s=36
+            )
+    if len(class_names) <= 30:
+        for i, name in enumerate(class_names):
+            if np.isfinite(ap[i]):
+                ax.annotate(
+                    name,
+                    (freq[i], 100 * ap[i]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    ax.set_xscale("log")
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("average precision (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

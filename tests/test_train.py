@@ -1,0 +1,184 @@
+"""End to end: the default config, shrunk, trains, evaluates, checkpoints, resumes and predicts."""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from mlcnc_jax import checkpoint, cli, train
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("datasets"))
+
+
+def tiny_config(data_root: str, **overrides):
+    c = default.get_config()
+    c.data.root = data_root
+    c.data.image_size = 32
+    c.data.resize_size = 36
+    c.model.backbone = "resnet_small"
+    c.model.embed_dim = 32
+    c.model.proj_dim = 4
+    c.model.num_heads = 2
+    c.train.batch_size = 16
+    c.eval.batch_size = 256
+    c.train.steps_per_epoch = 3
+    c.train.num_epochs = 2
+    c.train.log_every_steps = 2
+    c.train.checkpoint_every_steps = 2
+    c.train.eval_every_epochs = 2
+    c.train.ema_decay = 0.9
+    c.loss.warmup_epochs = 1
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        setattr(c[section] if section else c, field, value)
+    return c
+
+
+class StopAfter(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, steps: int):
+    """Makes the training loop die while fetching the batch after `steps` steps (like a kill)."""
+    calls = {"n": 0}
+    original = train.Trainer._shard
+
+    def shard(self, batch):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise StopAfter()
+        return original(self, batch)
+
+    monkeypatch.setattr(train.Trainer, "_shard", shard)
+
+
+def test_train_evaluate_resume_predict(data_root, tmp_path, monkeypatch):
+    assert jax.device_count() == 8
+    config = tiny_config(data_root)
+
+    full = cli.run(config, str(tmp_path / "full"), "train")
+    workdir = tmp_path / "full"
+    # Promised files: eval report with every test image scored, plot, checkpoints, summaries.
+    report = json.loads((workdir / "eval_6.json").read_text())
+    assert report["num_images_scored"] == report["num_images_expected"] > 0
+    assert len(report["per_class"]) == 20
+    assert set(report["map_raw"]) == {"total", "head", "medium", "tail"}
+    assert 0 < report["map_raw"]["total"] <= 100
+    assert {"nc1", "nc2", "mean_angle"} <= set(report["neural_collapse_raw"])
+    assert (workdir / "ap_vs_freq_6.png").stat().st_size > 1000
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]  # keep the last 2
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+
+    # A run killed after step 5 (last checkpoint at step 4) resumes to the same result.
+    interrupt_after(monkeypatch, 5)
+    with pytest.raises(StopAfter):
+        cli.run(config, str(tmp_path / "resumed"), "train")
+    monkeypatch.undo()
+    assert checkpoint.Checkpointer(str(tmp_path / "resumed"), {}).latest_step() == 4
+    resumed = cli.run(config, str(tmp_path / "resumed"), "train")
+    for name in ("raw", "ema"):
+        for group, value in full[name]["map"].items():
+            np.testing.assert_allclose(
+                resumed[name]["map"][group], value, atol=1e-6, equal_nan=True
+            )
+        np.testing.assert_allclose(resumed[name]["ap"], full[name]["ap"], atol=1e-6)
+
+    # --mode=eval scores the latest checkpoint the same way.
+    evaluated = cli.run(config, str(workdir), "eval")
+    np.testing.assert_allclose(evaluated["raw"]["ap"], full["raw"]["ap"], atol=1e-6)
+
+    # --mode=predict on image files, with attention maps.
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+            images / f"img{i}.png"
+        )
+    config.predict.inputs = str(images)
+    config.predict.attention_maps = True
+    config.predict.threshold = 0.0  # every class passes: checks the ordering and the format
+    out = json.loads(pathlib.Path(cli.run(config, str(workdir), "predict")).read_text())
+    assert [os.path.basename(p["image"]) for p in out["predictions"]] == ["img0.png", "img1.png"]
+    first = out["predictions"][0]
+    assert len(first["classes"]) == 20
+    scores = [c["score"] for c in first["classes"]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    assert os.path.getsize(first["attention_map"]) > 1000
+
+
+def step_losses(config, workdir, steps):
+    trainer = train.Trainer(config, str(workdir))
+    state = trainer._place(trainer.initial_state())
+    from mlcnc_jax.data import pipeline
+
+    batches = pipeline.train_batches(
+        trainer.dataset.train, config, global_batch=config.train.batch_size
+    )
+    out = []
+    for _ in range(steps):
+        state, m = trainer._train_step(state, trainer._shard(next(batches)))
+        out.append(float(np.asarray(m["loss"]).reshape(-1)[0]))
+    return out, trainer._unplace(state)
+
+
+def test_pmap_matches_jit(data_root, tmp_path):
+    # Dropout masks are drawn per device under pmap, so compare without dropout.
+    config = tiny_config(
+        data_root,
+        **{"model.attention_dropout": 0.0, "loss.warmup_epochs": 0, "train.steps_per_epoch": 2},
+    )
+    jit_losses, jit_state = step_losses(config, tmp_path / "jit", 5)
+    config.parallel = "pmap"
+    pmap_losses, pmap_state = step_losses(config, tmp_path / "pmap", 5)
+    np.testing.assert_allclose(pmap_losses, jit_losses, atol=1e-5)
+    # BatchNorm statistics are averaged over the devices under pmap: the same as over the
+    # global batch. (Parameters are not compared leaf by leaf: some, like the attention's key
+    # bias, have a zero gradient, and Adam turns float noise in those into full-size steps.)
+    for a, b in zip(
+        jax.tree.leaves(jit_state.batch_stats), jax.tree.leaves(pmap_state.batch_stats)
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    assert int(pmap_state.step) == int(jit_state.step) == 5
+    assert jit_losses[-1] != jit_losses[0]
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):
+    config = tiny_config(data_root, **{"train.checkpoint_every_steps": 1})
+    calls = {"n": 0}
+    original = train.Trainer._shard
+
+    def poisoned(self, batch):  # the 4th batch carries a NaN pixel
+        calls["n"] += 1
+        if calls["n"] == 4:
+            batch = {
+                **batch,
+                "image": np.where(
+                    np.arange(batch["image"].size).reshape(batch["image"].shape) == 0,
+                    np.nan,
+                    batch["image"],
+                ),
+            }
+        return original(self, batch)
+
+    monkeypatch.setattr(train.Trainer, "_shard", poisoned)
+    with pytest.raises(FloatingPointError, match="step 4"):
+        cli.run(config, str(tmp_path), "train")
+    assert checkpoint.Checkpointer(str(tmp_path), {}).latest_step() == 3
+
+
+def test_checkpoint_from_another_model_is_refused(data_root, tmp_path):
+    config = tiny_config(data_root, **{"train.num_epochs": 1, "loss.warmup_epochs": 0})
+    cli.run(config, str(tmp_path), "train")
+    config.model.proj_dim = 8
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="proj_dim"):
+        cli.run(config, str(tmp_path), "eval")
