@@ -1,14 +1,168 @@
-"""What run.py does in each --mode, kept importable for tests and the `mlcnc` command."""
+"""The command line of run.py and the `mlcnc` command, and what each --mode does.
+
+mlcnc --config=default --workdir=workdir/default
+mlcnc --config=coco_lt --config.data.root=/data/coco --workdir=...
+mlcnc --config=ablations.py:bce_uniform --workdir=...
+python run.py --config=configs/default.py --workdir=...   # the same, from a checkout
+
+--config takes a config file, or the name of a built-in config (a file of the
+installed `configs` package: default, coco_lt, voc_lt, ablations, ...), with an
+optional ':argument' for configs whose get_config takes one.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 
 import ml_collections
-from absl import logging
+from absl import app, flags, logging
 
 MODES = ["train", "eval", "predict", "data_stats"]
+FLAGS = flags.FLAGS
+
+
+def builtin_config_dir() -> str | None:
+    """The directory of the `configs` package (the checkout's, or the installed one)."""
+    spec = importlib.util.find_spec("configs")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        if os.path.isfile(os.path.join(location, "default.py")):
+            return location
+    return None
+
+
+def builtin_configs() -> list[str]:
+    """Names of the built-in configs (files of the `configs` package)."""
+    directory = builtin_config_dir()
+    if directory is None:
+        return []
+    return sorted(
+        name[:-3]
+        for name in os.listdir(directory)
+        if name.endswith(".py") and not name.startswith("_")
+    )
+
+
+def resolve_config(value: str) -> str:
+    """Turns a --config value into the config file path that config_flags loads.
+
+    An existing file is used as given. Otherwise 'NAME', 'NAME.py' or
+    'configs/NAME.py' (each optionally followed by ':ARGUMENT') name the
+    built-in config NAME, so the installed `mlcnc` command finds the configs
+    from any directory.
+
+    Args:
+      value: the --config value, e.g. 'configs/default.py', 'coco_lt' or
+        'ablations.py:bce_uniform'.
+
+    Returns:
+      A config file path, with the ':ARGUMENT' suffix kept.
+
+    Raises:
+      FileNotFoundError: no such file and no built-in config of that name.
+    """
+    if os.path.isfile(value):
+        return value
+    path, sep, argument = value.partition(":")
+    if os.path.isfile(path):
+        return value
+    head, name = os.path.split(path)
+    if name.endswith(".py"):
+        name = name[:-3]
+    directory = builtin_config_dir()
+    if head in ("", "configs") and directory and name in builtin_configs():
+        return os.path.join(directory, name + ".py") + sep + argument
+    raise FileNotFoundError(
+        f"--config={value}: there is no file {path!r}"
+        + (f" and no built-in config named {name!r}" if head in ("", "configs") else "")
+        + f". Pass a config file, or one of the built-in configs: {', '.join(builtin_configs())}."
+    )
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+    """`argv` with the value of --config (either '--config=X' or '--config X') resolved."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        for prefix in ("--config=", "-config="):
+            if arg.startswith(prefix):
+                out[i] = prefix + resolve_config(arg[len(prefix) :])
+        if arg in ("--config", "-config") and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+    return out
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (once; importing this module defines none)."""
+    from ml_collections import config_flags
+
+    if "config" in FLAGS:
+        return
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Experiment config: a file (configs/default.py) or a built-in config name (default, "
+        "coco_lt, voc_lt, ...), optionally with ':argument'.",
+        lock_config=True,
+    )
+    flags.DEFINE_string("workdir", "workdir", "Where checkpoints, summaries and reports go.")
+    flags.DEFINE_enum("mode", "train", MODES, "train | eval | predict | data_stats")
+    flags.DEFINE_bool(
+        "multihost",
+        False,
+        "Start multi-host JAX (jax.distributed.initialize) before anything else.",
+    )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Multi-host: 'host:port' of process 0 (default: $JAX_COORDINATOR_ADDRESS or auto-detect).",
+    )
+    flags.DEFINE_integer(
+        "num_processes",
+        None,
+        "Multi-host: number of processes (default: $JAX_NUM_PROCESSES or auto-detect).",
+    )
+    flags.DEFINE_integer(
+        "process_id",
+        None,
+        "Multi-host: index of this process (default: $JAX_PROCESS_ID or auto-detect).",
+    )
+    flags.mark_flags_as_required(["config"])
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    run(
+        FLAGS.config,
+        FLAGS.workdir,
+        FLAGS.mode,
+        multihost=FLAGS.multihost,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `mlcnc` command and of run.py.
+
+    Args:
+      argv: the command line, program name first (default: sys.argv).
+    """
+    argv = list(sys.argv if argv is None else argv)
+    define_flags()
+    try:
+        argv = resolve_config_argv(argv)
+    except FileNotFoundError as e:
+        sys.exit(f"{os.path.basename(argv[0])}: {e}")
+    # config_flags reads the --config.* overrides from sys.argv itself.
+    sys.argv = argv
+    logging.set_verbosity(logging.INFO)
+    app.run(_main, argv=argv)
 
 
 def run(
@@ -42,13 +196,16 @@ def run(
         parallel.initialize_distributed(coordinator_address, num_processes, process_id)
     import jax
 
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if "://" not in workdir:  # bucket URLs (gs://...) stay as they are
+        workdir = os.path.abspath(os.path.expanduser(workdir))
     logging.info(
         "JAX %s on %s: %d device(s).", jax.__version__, jax.default_backend(), jax.device_count()
     )
     if mode == "data_stats":
         from mlcnc_jax.data import sources, stats
 
+        if jax.process_index() != 0:  # a report, written once
+            return {}
         os.makedirs(workdir, exist_ok=True)
         return stats.data_stats(sources.load_dataset(config), workdir)
     if mode == "predict":
@@ -58,6 +215,7 @@ def run(
 
     from mlcnc_jax import train
 
+    _prepare_data_on_process_0_first(config)
     if mode == "train":
         results = train.train_and_evaluate(config, workdir)
     elif mode == "eval":
@@ -73,3 +231,26 @@ def run(
         }
         print(json.dumps(summary, default=float))
     return results
+
+
+def _prepare_data_on_process_0_first(config: ml_collections.ConfigDict) -> None:
+    """Lets process 0 alone write what loading the data writes, before the others read it.
+
+    Generating `synthetic_lt` and fetching split files write into the data
+    directory; processes sharing that directory would race. Process 0 does it
+    first, the others wait at a barrier and then find it done (or, on hosts
+    with their own disks, do it on theirs).
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    if config.data.name != "synthetic_lt" and not config.data.download_splits:
+        return
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        from mlcnc_jax.data import sources
+
+        sources.load_dataset(config)
+    multihost_utils.sync_global_devices("mlcnc_jax data prepared")

@@ -46,9 +46,12 @@ def initialize_distributed(
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and "JAX_PROCESS_ID" in os.environ:
         process_id = int(os.environ["JAX_PROCESS_ID"])
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        # CPU processes exchange gradients through gloo.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if jax.distributed.is_initialized():
+        return
+    # CPU processes exchange gradients through gloo. Set unconditionally: asking
+    # for the backend here would initialise it, and JAX refuses to start
+    # multi-host after that; the setting does nothing on TPUs and GPUs.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if coordinator_address:
         kwargs = dict(

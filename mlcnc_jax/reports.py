@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-GROUP_COLOURS = {"head": "tab:blue", "medium": "tab:orange", "tail": "tab:red"}
+from mlcnc_jax.data.stats import GROUP_COLOURS, group_of
 
 
 def to_json(value: Any) -> Any:
@@ -29,15 +29,6 @@ def to_json(value: Any) -> Any:
     if isinstance(value, np.bool_):
         return bool(value)
     return value
-
-
-def group_of(class_split: dict[str, Sequence[int]], num_classes: int) -> list[str]:
-    """The group name ('head' / 'medium' / 'tail') of every class."""
-    groups = [""] * num_classes
-    for name, indices in class_split.items():
-        for i in indices:
-            groups[int(i)] = name
-    return groups
 
 
 def write_eval_report(

@@ -129,6 +129,18 @@ def init_variables(model: nn.Module, config: ml_collections.ConfigDict, rng: jax
     return flax.core.unfreeze(variables)
 
 
+def check_pretrained_path(config: ml_collections.ConfigDict) -> None:
+    """Fails at once, saying where the weights go, when config.model.pretrained is missing."""
+    path = config.model.pretrained
+    if path and not os.path.exists(os.path.expanduser(path)):
+        raise FileNotFoundError(
+            f"Pretrained backbone weights not found: {path}. Put torchvision's ImageNet weights for "
+            f"{config.model.backbone} there as .safetensors (or .pth with torch installed; see README, "
+            "'Real benchmarks'), pass --config.model.pretrained=PATH, or train from scratch with "
+            "--config.model.pretrained=''."
+        )
+
+
 def load_pretrained(variables: dict, path: str) -> dict:
     """Replaces the backbone weights: torchvision file, or a workdir of this project.
 
@@ -381,6 +393,7 @@ class Trainer:
         if config.parallel not in ("jit", "pmap"):
             raise ValueError(f"Unknown config.parallel {config.parallel!r}: use 'jit' or 'pmap'.")
 
+        check_pretrained_path(config)  # before the (possibly slow) dataset checks
         self.dataset = sources.load_dataset(config)
         self.num_classes = self.dataset.num_classes
         self.schedule = make_schedule(config, self.dataset.train.labels)

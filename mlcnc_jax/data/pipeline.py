@@ -31,8 +31,8 @@ except RuntimeError:  # TF already initialised its devices; nothing to undo
     pass
 
 SAMPLINGS = ("class_aware", "uniform")
-# RandomResizedCrop defaults of torchvision, which the reference code uses.
-CROP_AREA = (0.08, 1.0)
+# RandomResizedCrop's aspect range of torchvision, which the reference code uses; the
+# smallest crop area is config.data.crop_min_area (torchvision: 0.08).
 CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
 JITTER = 0.4  # brightness, contrast and saturation; hue 0
 _SAMPLER_SALT = 0x5EED
@@ -122,7 +122,7 @@ def _normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def _random_crop_decode(raw: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+def _random_crop_decode(raw: tf.Tensor, seed: tf.Tensor, min_area: float) -> tf.Tensor:
     """Decodes the random-resized-crop window of an encoded image (JPEGs: only that window)."""
 
     def window(shape):
@@ -132,7 +132,7 @@ def _random_crop_decode(raw: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
             seed=seed,
             min_object_covered=0.0,
             aspect_ratio_range=CROP_ASPECT,
-            area_range=CROP_AREA,
+            area_range=(min_area, 1.0),
             max_attempts=10,
             use_image_if_no_bounding_boxes=True,
         )
@@ -181,10 +181,12 @@ def _color_jitter(image: tf.Tensor, seed: tf.Tensor, strength: float = JITTER) -
     return tf.switch_case(order, [apply(p) for p in perms])
 
 
-def train_image(raw: tf.Tensor, seed: tf.Tensor, image_size: int, mean, std) -> tf.Tensor:
+def train_image(
+    raw: tf.Tensor, seed: tf.Tensor, image_size: int, mean, std, min_area: float = 0.08
+) -> tf.Tensor:
     """Train augmentation of one encoded image.
 
-    Random resized crop (area 0.08-1, aspect 3/4-4/3) to image_size, horizontal
+    Random resized crop (area min_area-1, aspect 3/4-4/3) to image_size, horizontal
     flip, colour jitter (0.4, 0.4, 0.4, 0), normalisation. All randomness is
     stateless, drawn from `seed`.
 
@@ -194,12 +196,13 @@ def train_image(raw: tf.Tensor, seed: tf.Tensor, image_size: int, mean, std) -> 
       image_size: output side.
       mean: per-channel mean of [0, 1] images.
       std: per-channel std.
+      min_area: smallest crop, as a fraction of the image area.
 
     Returns:
       [image_size, image_size, 3] float32.
     """
     crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    image = _random_crop_decode(raw, crop_seed)
+    image = _random_crop_decode(raw, crop_seed, min_area)
     image = tf.image.convert_image_dtype(image, tf.float32)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     image = tf.clip_by_value(image, 0.0, 1.0)
@@ -249,6 +252,10 @@ def _check_data_config(config) -> None:
         raise ValueError(
             f"need 0 < config.data.image_size <= config.data.resize_size, got image_size={size}, "
             f"resize_size={resize} (the evaluation resize must not be smaller than its centre crop)"
+        )
+    if not 0.0 < float(config.data.crop_min_area) <= 1.0:
+        raise ValueError(
+            f"config.data.crop_min_area must be in (0, 1], got {config.data.crop_min_area}"
         )
     if len(config.data.mean) != 3 or len(config.data.std) != 3:
         raise ValueError("config.data.mean and config.data.std need 3 values (R, G, B)")
@@ -325,12 +332,13 @@ def train_dataset(
 
     image_size = int(config.data.image_size)
     mean, std = tuple(config.data.mean), tuple(config.data.std)
+    min_area = float(config.data.crop_min_area)
 
     def load(position, index):
         sample_seed = tf.stack([tf.constant(seed, tf.int64), position])
         raw = _read(tf.gather(images, index), encoded)
         return {
-            "image": train_image(raw, sample_seed, image_size, mean, std),
+            "image": train_image(raw, sample_seed, image_size, mean, std, min_area),
             "labels": tf.gather(labels_t, index),
         }
 

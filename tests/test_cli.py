@@ -1,0 +1,72 @@
+"""run.py as a user meets it: config overrides, unknown keys, missing data and weights."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_py(*args, timeout=300):
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    result = run_py("--config=configs/default.py", f"--workdir={tmp_path}", "--config.train.batchsize=16")
+    assert result.returncode != 0
+    assert "batchsize" in result.stderr
+
+
+def test_data_stats_with_overrides(tmp_path):
+    # Overrides reach the program: a 32 px synthetic_lt generated into a temporary root.
+    result = run_py(
+        "--config=configs/default.py",
+        f"--workdir={tmp_path / 'wd'}",
+        "--mode=data_stats",
+        f"--config.data.root={tmp_path / 'data'}",
+        "--config.data.image_size=32",
+        "--config.data.resize_size=36",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 1000 <= stats["num_train_images"] <= 1200  # about VOC-LT's 1,142
+    assert stats["num_test_images"] >= 2000
+    assert len(stats["class_freq"]) == 20
+    assert (len(stats["head"]), len(stats["medium"]), len(stats["tail"])) == (6, 6, 8)
+    assert all(stats["class_freq"][c] >= 100 for c in stats["head"])
+    assert all(stats["class_freq"][c] < 20 for c in stats["tail"])
+    assert (tmp_path / "wd" / "class_histogram.png").exists()
+    assert (tmp_path / "data" / "synthetic_lt" / "target_32").is_dir()
+
+
+@pytest.mark.parametrize("config", ["coco_lt", "voc_lt"])
+def test_benchmark_configs_fail_at_once_without_weights(config, tmp_path):
+    result = run_py(f"--config=configs/{config}.py", f"--workdir={tmp_path}", f"--config.data.root={tmp_path}/none")
+    assert result.returncode != 0
+    assert "Pretrained backbone weights not found" in result.stderr
+    assert "resnet50_imagenet.safetensors" in result.stderr
+
+
+def test_benchmark_config_fails_at_once_without_data(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    result = run_py(
+        "--config=configs/coco_lt.py",
+        f"--workdir={tmp_path / 'wd'}",
+        f"--config.data.root={tmp_path / 'coco'}",
+        f"--config.model.pretrained={weights}",
+    )
+    assert result.returncode != 0
+    assert str(tmp_path / "coco") in result.stderr
