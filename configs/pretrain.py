@@ -28,10 +28,10 @@ def get_config():
     c.loss.warmup_epochs = 0
     c.train.batch_size = 64
     c.train.steps_per_epoch = -1  # uniform epoch: 10,000 images = 157 steps of 64
-    c.train.num_epochs = 16  # 2,512 steps
+    c.train.num_epochs = 6  # 942 steps
     c.train.learning_rate = 3e-3
     c.train.ema_decay = 0.99
-    c.train.eval_every_epochs = 16
+    c.train.eval_every_epochs = 6
     c.train.log_every_steps = 50
     c.train.checkpoint_every_steps = 10_000
     c.train.keep_checkpoints = 1

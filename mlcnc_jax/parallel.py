@@ -97,6 +97,13 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree on every device of the mesh (replicated)."""
+    if jax.process_count() > 1:
+        # JAX cannot move an array committed to one local device (e.g. restored from a
+        # checkpoint) to other hosts; every host places its identical host copy instead.
+        tree = jax.tree.map(
+            lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
+            tree,
+        )
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 

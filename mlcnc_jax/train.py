@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
 from flax import linen as nn
 
 from mlcnc_jax import checkpoint, losses, metrics, parallel, prototypes, reports
@@ -456,6 +455,9 @@ class Trainer:
         Returns:
           The last evaluation's results (see `evaluate`).
         """
+        # clu's writers import TensorFlow: only the training loop needs them.
+        from clu import metric_writers, parameter_overview, periodic_actions
+
         from mlcnc_jax.data import pipeline
 
         config, schedule = self.config, self.schedule

@@ -78,6 +78,14 @@ TEST_PER_CLASS = 120  # target test: images anchored on each class
 PRETRAIN_TRAIN_PER_CLASS = 500
 PRETRAIN_TEST_PER_CLASS = 60
 MAX_OBJECTS = 4
+# Difficulty: object side as a fraction of the image side, and how many distractor strokes
+# are drawn under the objects and occluding strokes over them ([low, high) counts). Version
+# 1.0.0 drew smaller objects (0.22-0.55) among 3-8 distractors and 0-3 occluders: a small
+# ResNet trained from scratch with BCE stayed near the label prior (13 mAP, chance 10) after
+# 1,000 steps at 32 px; these settings reach 32 mAP there, still far from saturated.
+OBJECT_SIDE = (0.45, 0.75)
+DISTRACTORS = (0, 3)
+OCCLUDERS = (0, 1)
 _SPLIT_CODES = {"train": 1, "test": 2}
 _MNIST_TRAIN_PER_DIGIT = 250  # of the 500 per digit; the rest render the test split
 
@@ -391,9 +399,9 @@ class _Renderer:
             classes.append(classes[rng.integers(len(classes))])
         bg = self._background(rng)
         canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
-        self._strokes(ImageDraw.Draw(canvas), rng, int(rng.integers(3, 9)))
+        self._strokes(ImageDraw.Draw(canvas), rng, int(rng.integers(*DISTRACTORS)))
         for c in rng.permutation(classes):
-            side = rng.uniform(0.22, 0.55) * s
+            side = rng.uniform(*OBJECT_SIDE) * s
             res = max(8, int(round(2 * side)))  # render at 2x, then downscale: antialiasing
             mask, max_rot = self._mask(self.names[c], res, split, rng)
             mask = mask.rotate(rng.uniform(-max_rot, max_rot), resample=Image.BICUBIC, expand=True)
@@ -418,7 +426,7 @@ class _Renderer:
                 tuple(int(v) for v in colour), (x0, y0, x0 + out_side, y0 + out_side), mask
             )
         # Occluders drawn over the objects.
-        self._strokes(ImageDraw.Draw(canvas), rng, int(rng.integers(0, 4)))
+        self._strokes(ImageDraw.Draw(canvas), rng, int(rng.integers(*OCCLUDERS)))
         img = np.asarray(canvas, np.float64) + rng.normal(0, rng.uniform(2, 10), (s, s, 3))
         return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
@@ -480,8 +488,11 @@ def make_config(classes: str = "target", image_size: int = 64, seed: int = 0) ->
 class SyntheticLt(tfds.core.GeneratorBasedBuilder):
     """Long-tailed multi-label images of digits and shapes over clutter (no download)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Larger objects, fewer distractors: learnable from scratch on a CPU budget.",
+    }
     BUILDER_CONFIGS = [
         SyntheticLtConfig(
             name="target_64",
