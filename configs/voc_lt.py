@@ -20,6 +20,8 @@ def get_config():
     c.data.sampling = "class_aware"
     c.model.backbone = "resnet50"
     c.model.pretrained = "~/.cache/mlcnc_jax/weights/resnet50_imagenet.safetensors"
+    c.model.embed_dim = 768
+    c.model.logit_scale_init = 1.0  # the reference code
     c.dtype = "bfloat16"  # mixed precision: bfloat16 compute, float32 parameters
     c.train.batch_size = 64
     c.train.num_epochs = 100

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from mlcnc_jax import storage
 
 
 class CheckpointMismatchError(ValueError):
@@ -34,7 +35,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, fingerprint: dict, keep: int = 2, keep_best: bool = False):
         self.fingerprint = json.loads(json.dumps(fingerprint))
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        workdir = storage.resolve(workdir)
+        self.directory = storage.join(workdir, "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )
@@ -51,7 +53,7 @@ class Checkpointer:
                 enable_async_checkpointing=False,
             )
             self.best = ocp.CheckpointManager(
-                os.path.join(os.path.abspath(workdir), "best_checkpoint_by_test_map"),
+                storage.join(workdir, "best_checkpoint_by_test_map"),
                 options=best_options,
                 item_names=("state", "meta"),
             )

@@ -20,6 +20,8 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
+from mlcnc_jax import storage
+
 MODES = ["train", "eval", "predict", "data_stats"]
 FLAGS = flags.FLAGS
 
@@ -196,8 +198,7 @@ def run(
         parallel.initialize_distributed(coordinator_address, num_processes, process_id)
     import jax
 
-    if "://" not in workdir:  # bucket URLs (gs://...) stay as they are
-        workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = storage.resolve(workdir)  # bucket URLs (gs://...) stay as they are
     logging.info(
         "JAX %s on %s: %d device(s).", jax.__version__, jax.default_backend(), jax.device_count()
     )

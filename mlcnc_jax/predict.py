@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mlcnc_jax import checkpoint, train
+from mlcnc_jax import checkpoint, storage, train
 from mlcnc_jax.models import create_model
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -55,7 +55,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
     """
     from mlcnc_jax.data import pipeline
 
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = storage.resolve(workdir)
     paths = list_inputs(config.predict.inputs)
     probe = checkpoint.Checkpointer(workdir, {})
     meta = probe.read_meta()
@@ -82,7 +82,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
         return result
 
     predictions = []
-    attention_dir = os.path.join(workdir, "attention")
+    attention_dir = storage.join(workdir, "attention")
     for path in paths:
         with open(path, "rb") as f:
             encoded = f.read()
@@ -107,8 +107,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
                     "Attention maps need the MLC-NC model (config.model.name='mlcnc')."
                 )
             shown = chosen or [int(order[0])]
-            os.makedirs(attention_dir, exist_ok=True)
-            out_path = os.path.join(
+            storage.makedirs(attention_dir)
+            out_path = storage.join(
                 attention_dir, os.path.splitext(os.path.basename(path))[0] + ".png"
             )
             save_attention_map(
@@ -116,17 +116,18 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
             )
             entry["attention_map"] = out_path
         predictions.append(entry)
-    out_path = os.path.join(workdir, "predictions.json")
-    with open(out_path, "w") as f:
-        json.dump(
+    out_path = storage.join(workdir, "predictions.json")
+    storage.write_text(
+        out_path,
+        json.dumps(
             {
                 "threshold": config.predict.threshold,
                 "step": meta["step"],
                 "predictions": predictions,
             },
-            f,
             indent=1,
-        )
+        ),
+    )
     logging.info("Wrote predictions for %d image(s) to %s", len(paths), out_path)
     return out_path
 
@@ -178,5 +179,5 @@ def save_attention_map(
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    storage.save_figure(fig, path, dpi=100)
     plt.close(fig)

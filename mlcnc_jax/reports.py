@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from mlcnc_jax import storage
 from mlcnc_jax.data.stats import GROUP_COLOURS, group_of
 
 
@@ -66,11 +66,10 @@ def write_eval_report(
         "class_split": class_split,
         "per_class": per_class,
     }
-    path = os.path.join(workdir, f"eval_{step}.json")
-    with open(path, "w") as f:
-        json.dump(to_json(report), f, indent=1)
+    path = storage.join(workdir, f"eval_{step}.json")
+    storage.write_text(path, json.dumps(to_json(report), indent=1))
     plot_ap_vs_frequency(
-        os.path.join(workdir, f"ap_vs_freq_{step}.png"),
+        storage.join(workdir, f"ap_vs_freq_{step}.png"),
         np.asarray(results["raw"]["ap"]),
         class_freq,
         groups,
@@ -117,8 +116,8 @@ def plot_ap_vs_frequency(
     ax.set_ylabel("average precision (%)")
     ax.set_ylim(0, 102)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    storage.save_figure(fig, path, dpi=110)
     plt.close(fig)

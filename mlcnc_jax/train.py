@@ -18,7 +18,7 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from mlcnc_jax import checkpoint, losses, metrics, parallel, prototypes, reports
+from mlcnc_jax import checkpoint, losses, metrics, parallel, prototypes, reports, storage
 from mlcnc_jax.models import create_model, pretrained
 
 # Outputs of the model that the losses read; the rest never leaves the step.
@@ -133,10 +133,11 @@ def check_pretrained_path(config: ml_collections.ConfigDict) -> None:
     path = config.model.pretrained
     if path and not os.path.exists(os.path.expanduser(path)):
         raise FileNotFoundError(
-            f"Pretrained backbone weights not found: {path}. Put torchvision's ImageNet weights for "
-            f"{config.model.backbone} there as .safetensors (or .pth with torch installed; see README, "
-            "'Real benchmarks'), pass --config.model.pretrained=PATH, or train from scratch with "
-            "--config.model.pretrained=''."
+            f"Pretrained backbone weights not found: {path}. config.model.pretrained names either "
+            f"torchvision's ImageNet weights for {config.model.backbone} (.safetensors, or .pth with "
+            "torch installed; see README, 'Real benchmarks') or the workdir of a "
+            "configs/pretrain.py run (built-in data). Put them there, pass "
+            "--config.model.pretrained=PATH, or train from scratch with --config.model.pretrained=''."
         )
 
 
@@ -383,10 +384,10 @@ class Trainer:
         from mlcnc_jax.data import sources
 
         self.config = config
-        self.workdir = os.path.abspath(os.path.expanduser(workdir))
+        self.workdir = storage.resolve(workdir)
         self.is_main = jax.process_index() == 0
         if self.is_main:
-            os.makedirs(self.workdir, exist_ok=True)
+            storage.makedirs(self.workdir)
         parallel.check_batch_size(config.train.batch_size)
         parallel.check_batch_size(config.eval.batch_size)
         if config.parallel not in ("jit", "pmap"):

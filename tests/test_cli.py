@@ -24,7 +24,9 @@ def run_py(*args, timeout=300):
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
-    result = run_py("--config=configs/default.py", f"--workdir={tmp_path}", "--config.train.batchsize=16")
+    result = run_py(
+        "--config=configs/default.py", f"--workdir={tmp_path}", "--config.train.batchsize=16"
+    )
     assert result.returncode != 0
     assert "batchsize" in result.stderr
 
@@ -53,7 +55,11 @@ def test_data_stats_with_overrides(tmp_path):
 
 @pytest.mark.parametrize("config", ["coco_lt", "voc_lt"])
 def test_benchmark_configs_fail_at_once_without_weights(config, tmp_path):
-    result = run_py(f"--config=configs/{config}.py", f"--workdir={tmp_path}", f"--config.data.root={tmp_path}/none")
+    result = run_py(
+        f"--config=configs/{config}.py",
+        f"--workdir={tmp_path}",
+        f"--config.data.root={tmp_path}/none",
+    )
     assert result.returncode != 0
     assert "Pretrained backbone weights not found" in result.stderr
     assert "resnet50_imagenet.safetensors" in result.stderr
