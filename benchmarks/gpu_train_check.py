@@ -228,6 +228,8 @@ def run_check(
     config.seed = seed
     config.dtype = dtype
     config.model.backbone = backbone
+    if backbone != "resnet_small":
+        config.model.embed_dim = 768  # the paper's head for ResNet backbones
     config.data.image_size = image_size
     config.train.batch_size = batch_size
     config.train.learning_rate = learning_rate

@@ -76,9 +76,10 @@ HEAD_TOKENS, HEAD_CHANNELS = 49, 2048  # ResNet-50 at 224 px: 7 x 7 x 2048
 
 
 def _config(backbone: str, dtype: str, image_size: int):
-    from configs.default import get_config
+    from configs.voc_lt import get_config  # the paper's head: D = 768, gamma starts at 1
 
     config = get_config()
+    config.model.pretrained = ""
     config.model.backbone = backbone
     config.dtype = dtype
     config.data.image_size = image_size
@@ -194,7 +195,7 @@ def run_case(case: dict) -> dict:
     import numpy as np
 
     from mlcnc_jax import train
-    from mlcnc_jax.models import DTYPES, MLCNC, create_model
+    from mlcnc_jax.models import DTYPES, create_model
 
     k, b, dtype = case["num_classes"], case["batch_size"], case["dtype"]
     rng = np.random.default_rng(0)
@@ -220,21 +221,7 @@ def run_case(case: dict) -> dict:
                 return x.reshape(x.shape[0], -1, x.shape[-1]).astype(DTYPES[dtype])
 
         config = _config("resnet50", dtype, 224)
-        m = config.model
-        model = MLCNC(
-            backbone=TokenInput(),
-            num_classes=k,
-            embed_dim=m.embed_dim,
-            proj_dim=m.proj_dim,
-            attention=m.attention,
-            num_heads=m.num_heads,
-            attention_dropout=m.attention_dropout,
-            classifier=m.classifier,
-            alpha=m.alpha,
-            logit_scale_init=m.logit_scale_init,
-            etf_seed=m.etf_seed,
-            dtype=DTYPES[dtype],
-        )
+        model = create_model(config, k, backbone=TokenInput())
         tx, lr_schedule = train.create_optimizer(config, total_steps=10**6)
         # A fixed feature map with ResNet-50's post-ReLU statistics (non-negative).
         side = int(round(HEAD_TOKENS**0.5))

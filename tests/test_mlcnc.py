@@ -285,9 +285,10 @@ def test_baseline_pools_tokens_and_classifies():
 
 def test_create_model_reads_the_config():
     config = get_config()
+    config.model.embed_dim = 96
     model = create_model(config, num_classes=20, axis_name="batch")
     assert isinstance(model, MLCNC)
-    assert model.num_classes == 20 and model.embed_dim == 768 and model.proj_dim == 20
+    assert model.num_classes == 20 and model.embed_dim == 96 and model.proj_dim == 20
     assert model.attention == "mha" and model.classifier == "etf" and model.num_heads == 8
     assert model.backbone.axis_name == "batch"
     assert model.backbone.widths == (16, 32, 64, 128)

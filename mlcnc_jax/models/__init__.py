@@ -14,7 +14,10 @@ __all__ = ["MLCNC", "Baseline", "ResNet", "create_model", "get_backbone"]
 
 
 def create_model(
-    config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = None
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    axis_name: str | None = None,
+    backbone: nn.Module | None = None,
 ) -> nn.Module:
     """Builds the model described by `config.model` and `config.dtype`.
 
@@ -22,6 +25,8 @@ def create_model(
         config: project config (schema in configs/default.py).
         num_classes: K.
         axis_name: device axis for BatchNorm statistics under jax.pmap, or None.
+        backbone: your own module mapping images to tokens [B, N, C], used instead of
+            `config.model.backbone`.
 
     Returns:
         An `MLCNC` or `Baseline` module.
@@ -34,10 +39,11 @@ def create_model(
         raise ValueError(f"unknown dtype {config.dtype!r}; valid: {', '.join(DTYPES)}")
     if m.name not in MODELS:
         raise ValueError(f"unknown model.name {m.name!r}; valid: {', '.join(MODELS)}")
-    if m.backbone not in BACKBONES:
+    if backbone is None and m.backbone not in BACKBONES:
         raise ValueError(f"unknown model.backbone {m.backbone!r}; valid: {', '.join(BACKBONES)}")
     dtype = DTYPES[config.dtype]
-    backbone = get_backbone(m.backbone, dtype=dtype, axis_name=axis_name)
+    if backbone is None:
+        backbone = get_backbone(m.backbone, dtype=dtype, axis_name=axis_name)
     if m.name == "baseline":
         return Baseline(backbone=backbone, num_classes=num_classes, dtype=dtype)
     if m.attention not in ATTENTIONS:
