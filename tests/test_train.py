@@ -61,7 +61,7 @@ def interrupt_after(monkeypatch, steps: int):
 
 def test_train_evaluate_resume_predict(data_root, tmp_path, monkeypatch):
     assert jax.device_count() == 8
-    config = tiny_config(data_root)
+    config = tiny_config(data_root, **{"train.keep_best": True, "train.eval_every_epochs": 1})
 
     full = cli.run(config, str(tmp_path / "full"), "train")
     workdir = tmp_path / "full"
@@ -75,6 +75,10 @@ def test_train_evaluate_resume_predict(data_root, tmp_path, monkeypatch):
     assert (workdir / "ap_vs_freq_6.png").stat().st_size > 1000
     assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]  # keep the last 2
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    # The best checkpoint by test mAP is kept apart, under a name that says so.
+    best = [json.loads((workdir / f"eval_{k}.json").read_text())["map_raw"]["total"] for k in (3, 6)]
+    kept = os.listdir(workdir / "best_checkpoint_by_test_map")
+    assert kept == [str((3, 6)[int(np.argmax(best))])]
 
     # A run killed after step 5 (last checkpoint at step 4) resumes to the same result.
     interrupt_after(monkeypatch, 5)
