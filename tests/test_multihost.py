@@ -31,13 +31,17 @@ from mlcnc_jax import checkpoint, cli, parallel, train
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 # 4 steps: an epoch of FLA warm-up, then an epoch of the full loss; checkpoints at steps 2
 # and 4, one evaluation at the end.
-OVERRIDES = {"train.steps_per_epoch": 2, "train.log_every_steps": 1}
+OVERRIDES = {"train.steps_per_epoch": 2, "train.log_every_steps": 1, "train.learning_rate": 1e-5}
 STEPS = 4
 LAUNCH_TIMEOUT_S = 420
 # The processes sum gradients across hosts over gloo, in another order than XLA sums them
 # over the devices of one process, and Adam's normalisation magnifies the float32 rounding
-# of near-zero gradient entries: the losses agree to about 3e-5 (relative) after 4 steps.
-TOL = 1e-4
+# of near-zero gradient entries into steps of up to the learning rate: at lr 1e-3 the
+# losses agree to about 3e-5 and a few parameter entries to 4e-4. At lr 1e-5 (still
+# enough for a wrong gradient to change the later losses far beyond TOL) everything agrees
+# to TOL, except the prototype sums: sums of L2-normalised projections, where a projection
+# of small norm turns rounding into a larger change of direction.
+TOL = 1e-5
 # The attention's key bias has an exactly zero gradient (softmax ignores a shift shared by
 # all keys): Adam turns the rounding noise in it into full-size steps, so it is not compared.
 ZERO_GRADIENT = re.compile(r"\['key'\]\['bias'\]$")
@@ -156,10 +160,8 @@ def flat(tree) -> dict:
 def assert_same_state(restored, expected) -> None:
     """Params, BatchNorm statistics, EMA, prototypes and step of two states agree.
 
-    Adam divides each gradient entry by its running RMS, so the rounding differences of
-    the cross-host sums move entries with a near-zero gradient by up to a learning-rate
-    step (1e-3); such entries are few. Every entry must be within one step, and at most
-    5% of a leaf's entries may differ by more than TOL.
+    Every entry within TOL (prototype sums within 10 * TOL; see TOL), except the
+    attention's key bias, whose gradient is exactly zero.
     """
     assert int(restored.step) == int(expected.step)
     for part in ("params", "batch_stats", "ema", "prototypes"):
@@ -169,9 +171,8 @@ def assert_same_state(restored, expected) -> None:
             if ZERO_GRADIENT.search(key):
                 continue
             g, w = got[key].astype(np.float64), want[key].astype(np.float64)
-            np.testing.assert_allclose(g, w, atol=1e-3, err_msg=f"{part}{key}")
-            off = np.abs(g - w) > TOL + TOL * np.abs(w)
-            assert off.mean() <= 0.05, f"{part}{key}: {off.mean():.1%} of the entries differ"
+            tol = 10 * TOL if part == "prototypes" else TOL
+            np.testing.assert_allclose(g, w, atol=tol, rtol=tol, err_msg=f"{part}{key}")
 
 
 def workdir_names(workdir) -> set[str]:
