@@ -155,7 +155,6 @@ def base_config(budget: Budget, data_root: str):
     c = ablations.get_config("mlcnc")
     c.data.root = data_root
     c.data.image_size = budget.image_size
-    c.data.crop_min_area = budget.crop_min_area
     c.data.resize_size = budget.resize_size
     c.data.crop_min_area = budget.crop_min_area
     c.model.backbone = "resnet_small"
@@ -205,7 +204,6 @@ def pretrain_config(budget: Budget, data_root: str):
     c = pretrain.get_config()
     c.data.root = data_root
     c.data.image_size = budget.image_size
-    c.data.crop_min_area = budget.crop_min_area
     c.data.resize_size = budget.resize_size
     c.data.crop_min_area = budget.crop_min_area
     c.train.num_epochs = budget.pretrain_epochs
@@ -214,7 +212,8 @@ def pretrain_config(budget: Budget, data_root: str):
     return c
 
 
-# What shapes a run besides its config (set by main): the version of the generated data.
+# What shapes a run besides its config (set by main): the version of the generated data, so a
+# change of synthetic_lt retrains instead of reusing stale runs.
 _SALT = {"synthetic_lt": None}
 
 
@@ -739,8 +738,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.cache, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     logging.set_verbosity(logging.WARNING)
-    # The crop area is config.data.crop_min_area (set in the configs above).
-    _SALT["crop_area"] = [budget.crop_min_area, 1.0]
+    from mlcnc_jax.data import synthetic
+
+    _SALT["synthetic_lt"] = str(synthetic.SyntheticLt.VERSION)
 
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
