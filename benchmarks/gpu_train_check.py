@@ -251,18 +251,14 @@ def run_check(
     t0 = time.perf_counter()
     state = train.create_train_state(config, model, tx, num_classes)
     init_s = time.perf_counter() - t0
-    step_fn = jax.jit(
-        functools.partial(
-            train.train_step,
-            model=model,
-            tx=tx,
-            config=config,
-            schedule=schedule,
-            lr_schedule=lr_schedule,
-            class_freq=np.asarray(data["class_freq"], np.float64),
-            num_train=num_train,
-        ),
-        donate_argnums=(0,),
+    step_fn = train.compile_train_step(
+        model,
+        tx,
+        config,
+        schedule,
+        lr_schedule,
+        np.asarray(data["class_freq"], np.float64),
+        num_train,
     )
     eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
     mean = jnp.asarray(config.data.mean, jnp.float32) * 255.0

@@ -88,7 +88,6 @@ def _config(backbone: str, dtype: str, image_size: int):
 
 def _jitted_step(config, model, tx, lr_schedule, num_classes: int):
     """The project's train step with the state donated, as the trainer builds it."""
-    import jax
     import numpy as np
 
     from mlcnc_jax import train
@@ -96,18 +95,8 @@ def _jitted_step(config, model, tx, lr_schedule, num_classes: int):
     # No FLA-only warm-up and no end of epoch while timing: the full loss every step.
     # (Under jit both branches are computed anyway; this keeps the logged loss meaningful.)
     schedule = train.Schedule(steps_per_epoch=10**6, total_steps=10**6, warmup_steps=0)
-    return jax.jit(
-        functools.partial(
-            train.train_step,
-            model=model,
-            tx=tx,
-            config=config,
-            schedule=schedule,
-            lr_schedule=lr_schedule,
-            class_freq=np.ones(num_classes),
-            num_train=1000,
-        ),
-        donate_argnums=(0,),
+    return train.compile_train_step(
+        model, tx, config, schedule, lr_schedule, np.ones(num_classes), num_train=1000
     )
 
 

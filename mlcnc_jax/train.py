@@ -362,6 +362,36 @@ def train_step(
     return new_state, step_metrics
 
 
+def compile_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    schedule: Schedule,
+    lr_schedule: Callable,
+    class_freq: np.ndarray,
+    num_train: int,
+    axis_name: str | None = None,
+) -> Callable:
+    """`train_step` bound to its settings and compiled, the state donated.
+
+    jax.jit by default; jax.pmap over the local devices when `axis_name` is given.
+    """
+    step_fn = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        config=config,
+        schedule=schedule,
+        lr_schedule=lr_schedule,
+        class_freq=class_freq,
+        num_train=num_train,
+        axis_name=axis_name,
+    )
+    if axis_name:
+        return jax.pmap(step_fn, axis_name=axis_name, donate_argnums=(0,))
+    return jax.jit(step_fn, donate_argnums=(0,))
+
+
 def eval_step(variables: dict, images: jax.Array, *, model: nn.Module) -> dict[str, jax.Array]:
     """Scores (sigmoid of the logits) and the features used for the neural-collapse measures."""
     outputs = model.apply(variables, images, train=False)
@@ -408,21 +438,16 @@ class Trainer:
             keep=config.train.keep_checkpoints,
             keep_best=config.train.keep_best,
         )
-        step_fn = functools.partial(
-            train_step,
-            model=self.model,
-            tx=self.tx,
-            config=config,
-            schedule=self.schedule,
-            lr_schedule=self.lr_schedule,
-            class_freq=self.dataset.class_freq,
-            num_train=len(self.dataset.train),
+        self._train_step = compile_train_step(
+            self.model,
+            self.tx,
+            config,
+            self.schedule,
+            self.lr_schedule,
+            self.dataset.class_freq,
+            len(self.dataset.train),
             axis_name=self.axis_name,
         )
-        if self.axis_name:
-            self._train_step = jax.pmap(step_fn, axis_name=self.axis_name, donate_argnums=(0,))
-        else:
-            self._train_step = jax.jit(step_fn, donate_argnums=(0,))
         self._eval_step = jax.jit(functools.partial(eval_step, model=self.eval_model))
 
     # ----------------------------------------------------------------- state
