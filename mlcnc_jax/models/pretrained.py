@@ -1,9 +1,14 @@
-"""Loads torchvision ResNet weights into the Flax `ResNet` backbone.
+"""Loads pre-trained weights into the Flax backbone: torchvision ResNets and this project's trunks.
 
 torchvision's state-dict keys map one to one onto the module names of
 `mlcnc_jax.models.resnet` (`layer1.0.downsample.1.running_var` ->
 `batch_stats/layer1_0/downsample_1/var`). `.safetensors` files need only the
 `safetensors` package; `.pth`/`.pt` files need torch.
+
+A *trunk* file is this project's own `.safetensors` of a whole pre-trained model
+(keys `params/backbone/...`, `batch_stats/backbone/...`, `params/classifier/...`), with
+metadata saying what it is (see `save_trunk`); the built-in one ships in
+`mlcnc_jax/trunks/`.
 """
 
 import os
@@ -163,11 +168,51 @@ def _check_same_tree(path: str, collection: str, expected: Any, loaded: Any) -> 
         raise ValueError("\n".join(lines))
 
 
+TRUNK_FORMAT = "mlcnc_jax.trunk/1"
+
+
+def save_trunk(path: str, variables: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+    """Writes a model's params and batch statistics as a trunk `.safetensors` file.
+
+    Args:
+        path: output file.
+        variables: model variables ({'params': ..., 'batch_stats': ...}); the backbone must be
+            the submodule named 'backbone'.
+        metadata: strings stored in the file's header (backbone name, image size, classes,
+            the command that made it, its score).
+    """
+    from safetensors.numpy import save_file
+
+    flat = {}
+    for collection in ("params", "batch_stats"):
+        for keys, value in flax.traverse_util.flatten_dict(
+            flax.core.unfreeze(variables.get(collection, {}))
+        ).items():
+            flat["/".join((collection, *keys))] = np.ascontiguousarray(value, np.float32)
+    save_file(flat, path, metadata={**metadata, "format": TRUNK_FORMAT})
+
+
+def read_trunk(path: str) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """The variables and metadata of a trunk file, or None for any other weights file."""
+    path = os.path.expanduser(path)
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as f:
+        metadata = dict(f.metadata() or {})
+        if metadata.get("format") != TRUNK_FORMAT:
+            return None
+        flat = {tuple(k.split("/")): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    return flax.traverse_util.unflatten_dict(flat), metadata
+
+
 def load_pretrained_backbone(path: str, variables: Mapping[str, Any]) -> dict[str, Any]:
     """Replaces the backbone of a model's variables with torchvision weights.
 
     Args:
-        path: `.safetensors`/`.pth`/`.pt` file of a torchvision ResNet.
+        path: `.safetensors`/`.pth`/`.pt` file of a torchvision ResNet, or a trunk file
+            of this project (`save_trunk`).
         variables: full model variables (from `model.init`) with the backbone under
             params['backbone'] and batch_stats['backbone'].
 
@@ -186,7 +231,11 @@ def load_pretrained_backbone(path: str, variables: Mapping[str, Any]) -> dict[st
                 f"variables have no {collection}['backbone'] to load {path} into; pass the "
                 "variables of a model whose backbone submodule is named 'backbone'"
             )
-    converted = convert_torchvision_resnet(load_state_dict(path))
+    trunk = read_trunk(path)
+    if trunk is not None:
+        converted = {c: trunk[0].get(c, {}).get("backbone", {}) for c in ("params", "batch_stats")}
+    else:
+        converted = convert_torchvision_resnet(load_state_dict(path))
     out = dict(variables)
     for collection in ("params", "batch_stats"):
         _check_same_tree(path, collection, variables[collection]["backbone"], converted[collection])
