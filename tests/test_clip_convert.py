@@ -228,6 +228,17 @@ def test_load_clip_params_checks_heads_and_reads_pt_and_torchscript(tmp_path):
         load_clip_params(str(pth), wrong_heads)
 
 
+def test_bfloat16_safetensors_are_read_as_float32(tmp_path):
+    path = tmp_path / "bf16.safetensors"
+    state = {"conv1.weight": torch.randn(8, 3, 4, 4), "positional_embedding": torch.randn(5, 8)}
+    safetensors_torch.save_file({k: v.bfloat16() for k, v in state.items()}, str(path))
+    loaded = load_clip_state_dict(str(path))
+    assert loaded["conv1.weight"].dtype == np.float32
+    np.testing.assert_array_equal(
+        loaded["positional_embedding"], state["positional_embedding"].bfloat16().float().numpy()
+    )
+
+
 def _shape_only_state(width, layers, patch, resolution, output_dim):
     # Zero-strided views: the full-size key layout of a CLIP ViT without its memory.
     def z(*shape):

@@ -136,12 +136,24 @@ def _torch_state_dict(path: str) -> Mapping[str, Any]:
     # read as a plain state dict; anything else is an ordinary pickled checkpoint.
     try:
         return torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         pass
     raw = torch.load(path, map_location="cpu", weights_only=True)
     if hasattr(raw, "state_dict") and not isinstance(raw, Mapping):
         raw = raw.state_dict()
     return raw
+
+
+def _safetensors_state_dict(path: str) -> Mapping[str, Any]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except TypeError:
+        # numpy has no bfloat16: read such files through jax, which has.
+        from safetensors.flax import load_file as load_jax
+
+        return {k: np.asarray(v.astype(jnp.float32)) for k, v in load_jax(path).items()}
 
 
 def load_clip_state_dict(path: str, arch: ClipVisionArch | None = None) -> dict[str, np.ndarray]:
@@ -166,9 +178,7 @@ def load_clip_state_dict(path: str, arch: ClipVisionArch | None = None) -> dict[
         raise FileNotFoundError(_missing_file_message(path, arch))
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
-        from safetensors.numpy import load_file
-
-        raw: Mapping[str, Any] = load_file(path)
+        raw: Mapping[str, Any] = _safetensors_state_dict(path)
     elif ext in (".pt", ".pth", ".bin"):
         raw = _torch_state_dict(path)
         for wrapper in ("state_dict", "model"):
