@@ -182,13 +182,20 @@ def _color_jitter(image: tf.Tensor, seed: tf.Tensor, strength: float = JITTER) -
 
 
 def train_image(
-    raw: tf.Tensor, seed: tf.Tensor, image_size: int, mean, std, min_area: float = 0.08
+    raw: tf.Tensor,
+    seed: tf.Tensor,
+    image_size: int,
+    mean,
+    std,
+    min_area: float = 0.08,
+    padding: int = 0,
 ) -> tf.Tensor:
     """Train augmentation of one encoded image.
 
-    Random resized crop (area min_area-1, aspect 3/4-4/3) to image_size, horizontal
-    flip, colour jitter (0.4, 0.4, 0.4, 0), normalisation. All randomness is
-    stateless, drawn from `seed`.
+    Random resized crop (area min_area-1, aspect 3/4-4/3) to image_size, then (padding > 0)
+    a random image_size crop of the image zero-padded by `padding` pixels on each side (a
+    shift that keeps every object's scale), horizontal flip, colour jitter (0.4, 0.4, 0.4,
+    0), normalisation. All randomness is stateless, drawn from `seed`.
 
     Args:
       raw: scalar string tensor, the encoded JPEG/PNG/GIF/BMP.
@@ -197,6 +204,7 @@ def train_image(
       mean: per-channel mean of [0, 1] images.
       std: per-channel std.
       min_area: smallest crop, as a fraction of the image area.
+      padding: pixels of zero padding for the random shift (0: none).
 
     Returns:
       [image_size, image_size, 3] float32.
@@ -206,6 +214,11 @@ def train_image(
     image = tf.image.convert_image_dtype(image, tf.float32)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     image = tf.clip_by_value(image, 0.0, 1.0)
+    if padding > 0:
+        # Its own stream, folded from the crop's: padding=0 leaves every other draw unchanged.
+        shift_seed = tf.random.experimental.stateless_fold_in(crop_seed, 1)
+        image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+        image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], shift_seed)
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     image = _color_jitter(image, jitter_seed)
     return _normalize(image, mean, std)
@@ -253,6 +266,8 @@ def _check_data_config(config) -> None:
             f"need 0 < config.data.image_size <= config.data.resize_size, got image_size={size}, "
             f"resize_size={resize} (the evaluation resize must not be smaller than its centre crop)"
         )
+    if int(config.data.crop_padding) < 0:
+        raise ValueError(f"config.data.crop_padding must be >= 0, got {config.data.crop_padding}")
     if not 0.0 < float(config.data.crop_min_area) <= 1.0:
         raise ValueError(
             f"config.data.crop_min_area must be in (0, 1], got {config.data.crop_min_area}"
@@ -333,12 +348,13 @@ def train_dataset(
     image_size = int(config.data.image_size)
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     min_area = float(config.data.crop_min_area)
+    padding = int(config.data.crop_padding)
 
     def load(position, index):
         sample_seed = tf.stack([tf.constant(seed, tf.int64), position])
         raw = _read(tf.gather(images, index), encoded)
         return {
-            "image": train_image(raw, sample_seed, image_size, mean, std, min_area),
+            "image": train_image(raw, sample_seed, image_size, mean, std, min_area, padding),
             "labels": tf.gather(labels_t, index),
         }
 
