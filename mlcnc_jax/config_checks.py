@@ -212,6 +212,17 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         lambda schedule, fraction: schedule != "one_cycle" or fraction > 0,
         "config.train.warmup_fraction = {1!r}: must be in (0, 1) with schedule 'one_cycle'",
     )
+    check(
+        ("data.label_separator",),
+        lambda sep: isinstance(sep, str) and sep != "",
+        "config.data.label_separator = {0!r}: must be a non-empty string (' ', ';', '|', ',')",
+    )
+    check(
+        ("data.train_split_file", "data.name"),
+        lambda split_file, name: not split_file or name in ("coco_json", "csv"),
+        "config.data.train_split_file = {0!r}: only coco_json and csv data take a split file, "
+        "not data.name {1!r}",
+    )
     weights = [f"loss.{w}" for w in LOSS_WEIGHTS]
     check(
         weights,

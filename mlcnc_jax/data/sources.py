@@ -5,7 +5,10 @@ Sources (config.data.name):
   coco_lt       COCO-LT from the user's COCO 2017 copy (or tfds coco/2017)
   voc_lt        VOC-LT from the user's VOCdevkit (or tfds voc/2012 + voc/2007)
   coco_json     the user's own COCO-format annotation files
-  csv           the user's own CSV files (image path, space-separated class names)
+  csv           the user's own CSV files (image path, class names)
+
+coco_json and csv take an lt_builder split file (config.data.train_split_file) choosing
+the training images.
 """
 
 from __future__ import annotations
@@ -68,9 +71,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> MultiLabelDataset:
             d.head_min,
             d.tail_max,
         )
-    elif d.name in _CUSTOM:
-        loader = custom.load_coco_json if d.name == "coco_json" else custom.load_csv
-        dataset = loader(
+    elif d.name == "coco_json":
+        dataset = custom.load_coco_json(
             d.train_annotations,
             d.train_images,
             d.test_annotations,
@@ -79,9 +81,28 @@ def load_dataset(config: ml_collections.ConfigDict) -> MultiLabelDataset:
             head_min=d.head_min,
             tail_max=d.tail_max,
         )
+    elif d.name == "csv":
+        dataset = custom.load_csv(
+            d.train_annotations,
+            d.train_images,
+            d.test_annotations,
+            d.test_images,
+            name=d.name,
+            head_min=d.head_min,
+            tail_max=d.tail_max,
+            label_separator=d.label_separator,
+        )
     else:
         raise ValueError(f"unknown config.data.name {d.name!r}; expected one of {list(SOURCES)}")
 
+    if d.train_split_file:
+        if d.name not in _CUSTOM:
+            raise ValueError(
+                f"config.data.train_split_file is for coco_json and csv data, not {d.name!r}: "
+                "leave it '' (the benchmarks take their split files from config.data.split_dir)"
+            )
+        # Before the image check, so only the chosen images are read.
+        dataset = custom.apply_split_file(dataset, d.train_split_file, d.head_min, d.tail_max)
     if d.name != "synthetic_lt":
         train = check_images(dataset.train, d.skip_corrupt)
         test = check_images(dataset.test, d.skip_corrupt)
