@@ -16,11 +16,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import re
 
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from mlcnc_jax.data import coco, custom, voc
 from mlcnc_jax.data.dataset import MultiLabelDataset, Split, class_groups
@@ -125,17 +125,35 @@ def subset(split: Split, indices) -> Split:
     )
 
 
-def _decode_error(path: str) -> str | None:
+def decode_error(path: str) -> str | None:
+    """Why the training input pipeline cannot decode the image file `path`, or None.
+
+    The check runs the pipeline's own decoder (`pipeline._decode`, TensorFlow's
+    decode_image), so a file Pillow reads but TensorFlow does not (TIFF, for one) fails here,
+    before training, and not in the middle of an epoch.
+
+    Args:
+      path: an image file.
+
+    Returns:
+      None when it decodes fully; otherwise the decoder's reason, one line.
+    """
+    import tensorflow as tf
+
+    from mlcnc_jax.data import pipeline  # the decoder training uses
+
     try:
-        with Image.open(path) as image:
-            image.load()  # full decode: a truncated file only fails here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
+        pipeline._decode(tf.io.read_file(path))
+    except (tf.errors.OpError, ValueError) as e:
+        message = getattr(e, "message", str(e))
+        # Drop TensorFlow's '{{function_node ...}}' prefix and '[Op:DecodeImage]' suffix.
+        message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", message).strip()
+        return f"{type(e).__name__}: {message.splitlines()[0] if message else ''}"
     return None
 
 
 def check_images(split: Split, skip_corrupt: bool) -> Split:
-    """Checks that every image file of `split` exists and decodes fully.
+    """Checks that every image file of `split` exists and decodes fully with the training decoder.
 
     Splits whose images are encoded bytes (tfds sources) are returned unchanged.
 
@@ -161,11 +179,11 @@ def check_images(split: Split, skip_corrupt: bool) -> Split:
         )
     from tqdm import tqdm
 
-    # PIL releases the GIL while decoding, so threads use all cores.
+    # TensorFlow's kernels run without the GIL, so threads use all cores.
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         errors = list(
             tqdm(
-                pool.map(_decode_error, split.images, chunksize=16),
+                pool.map(decode_error, split.images, chunksize=16),
                 total=len(split),
                 desc="checking images",
                 disable=len(split) < _PROGRESS_MIN,
@@ -177,8 +195,9 @@ def check_images(split: Split, skip_corrupt: bool) -> Split:
     if not skip_corrupt:
         first = bad[0]
         raise ValueError(
-            f"{len(bad)} images cannot be decoded, e.g. {split.images[first]} ({errors[first]}). "
-            "Replace them, or skip such images with --config.data.skip_corrupt=True"
+            f"{len(bad)} images cannot be decoded by the input pipeline (JPEG, PNG, GIF, BMP "
+            f"and WebP can), e.g. {split.images[first]} ({errors[first]}). Replace or convert "
+            "them, or skip such images with --config.data.skip_corrupt=True"
         )
     logging.warning(
         "skipped %d of %d images that cannot be decoded (e.g. %s: %s)",
