@@ -154,11 +154,13 @@ def _has(config: ml_collections.ConfigDict, key: str) -> bool:
     return True
 
 
-def problems(config: ml_collections.ConfigDict) -> list[str]:
-    """Every problem of `config`, one sentence each ('' for none); see `validate`.
+def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) -> list[str]:
+    """Every problem of `config`, one sentence each (none: an empty list); see `validate`.
 
     Args:
       config: the experiment config (schema in configs/default.py).
+      num_devices: the number of devices of the run (jax.device_count(), all hosts), to check
+        that the batches divide among them; None skips that check.
 
     Returns:
       One line per bad field: its name, its value and its allowed range.
@@ -223,6 +225,14 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
         "config.data.train_split_file = {0!r}: only coco_json and csv data take a split file, "
         "not data.name {1!r}",
     )
+    if num_devices is not None:
+        for key in ("train.batch_size", "eval.batch_size"):
+            check(
+                (key,),
+                lambda batch: batch % num_devices == 0,
+                f"config.{key} = {{0!r}}: must be a multiple of the {num_devices} devices (every "
+                "device gets an equal share of each batch)",
+            )
     weights = [f"loss.{w}" for w in LOSS_WEIGHTS]
     check(
         weights,
@@ -232,16 +242,18 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     return found
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks every field of `config` at once, before any data is loaded.
 
     Args:
       config: the experiment config (schema in configs/default.py).
+      num_devices: the number of devices of the run (all hosts), to check that the batches
+        divide among them; None skips that check.
 
     Raises:
       ValueError: naming every bad field, its value and its allowed range, one per line.
     """
-    found = problems(config)
+    found = problems(config, num_devices)
     if found:
         raise ValueError(
             f"{len(found)} invalid config value{'s' if len(found) > 1 else ''}; fix "

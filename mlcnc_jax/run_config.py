@@ -117,7 +117,13 @@ def save_config(workdir: str, config: ml_collections.ConfigDict, process_index: 
     path = storage.join(workdir, CONFIG_FILE)
     if process_index == 0:
         storage.makedirs(workdir)
-        storage.write_text(path, json.dumps(_record(config), indent=2, sort_keys=True) + "\n")
+        text = json.dumps(_record(config), indent=2, sort_keys=True) + "\n"
+        if storage.is_url(path):
+            storage.write_text(path, text)
+        else:  # write then rename: a run killed meanwhile leaves the old file whole
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
     return path
 
 

@@ -150,3 +150,14 @@ def test_format_config_error_leaves_other_errors_alone(monkeypatch):
     assert _parse(argv, monkeypatch).config.train.batch_size == 8
     assert config_checks.format_config_error(ValueError("x"), argv=argv) is None
     assert config_checks.format_config_error(KeyError("x"), argv=argv) is None
+
+
+def test_batches_must_divide_among_the_devices():
+    c = default.get_config()
+    c.train.batch_size = 12
+    assert config_checks.problems(c, num_devices=4) == []
+    found = config_checks.problems(c, num_devices=8)
+    assert found == [
+        "config.train.batch_size = 12: must be a multiple of the 8 devices (every device gets "
+        "an equal share of each batch)"
+    ]
