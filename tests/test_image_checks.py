@@ -54,3 +54,12 @@ def test_skip_corrupt_covers_what_the_decoder_refuses(tmp_path, caplog):
         ds = sources.load_dataset(_config(tmp_path, skip=True))
     assert [p.rsplit("/", 1)[-1] for p in ds.train.images] == ["0.img", "1.img"]
     assert "skipped 1 of 3 images" in caplog.text and "2.img" in caplog.text
+
+
+def test_decode_errors_goes_on_past_bad_files(tmp_path):
+    (tmp_path / "a.png").write_bytes(_encoded("PNG"))
+    (tmp_path / "b.tif").write_bytes(_encoded("TIFF"))
+    paths = [str(tmp_path / n) for n in ("a.png", "b.tif", "gone.png")]
+    errors = sources.decode_errors(paths)
+    assert errors[0] is None and "Unknown image file format" in errors[1]
+    assert errors[2] == "not found"

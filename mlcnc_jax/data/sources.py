@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -152,6 +153,34 @@ def decode_error(path: str) -> str | None:
     return None
 
 
+def decode_errors(paths: Sequence[str]) -> list[str | None]:
+    """`decode_error` of every file of `paths`, in parallel; a missing file is an error too.
+
+    For a batch of user files (e.g. prediction inputs) that should go on past the bad ones.
+
+    Args:
+      paths: image files.
+
+    Returns:
+      Per path, None (it decodes) or the reason it does not, e.g. 'not found'.
+    """
+    from tqdm import tqdm
+
+    def one(path: str) -> str | None:
+        return "not found" if not os.path.isfile(path) else decode_error(path)
+
+    # TensorFlow's kernels run without the GIL, so threads use all cores.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(
+            tqdm(
+                pool.map(one, paths, chunksize=16),
+                total=len(paths),
+                desc="checking images",
+                disable=len(paths) < _PROGRESS_MIN,
+            )
+        )
+
+
 def check_images(split: Split, skip_corrupt: bool) -> Split:
     """Checks that every image file of `split` exists and decodes fully with the training decoder.
 
@@ -177,18 +206,7 @@ def check_images(split: Split, skip_corrupt: bool) -> Split:
             + (f" and {missing[1]}" if len(missing) > 1 else "")
             + ": check config.data.root / the image folders (the annotations name these files)"
         )
-    from tqdm import tqdm
-
-    # TensorFlow's kernels run without the GIL, so threads use all cores.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        errors = list(
-            tqdm(
-                pool.map(decode_error, split.images, chunksize=16),
-                total=len(split),
-                desc="checking images",
-                disable=len(split) < _PROGRESS_MIN,
-            )
-        )
+    errors = decode_errors(split.images)
     bad = [i for i, e in enumerate(errors) if e is not None]
     if not bad:
         return split
