@@ -208,3 +208,38 @@ def set_aside(broken: Sequence[BrokenCheckpoint]) -> list[str]:
         logging.warning("set aside the broken checkpoint %s as %s", b, target)
         moved.append(target)
     return moved
+
+
+def set_aside_after(directory: str, step: int, suffix: str = ".set_aside") -> list[str]:
+    """Renames every checkpoint newer than `step` to `<its step><suffix>`; nothing is deleted.
+
+    For a run resumed on purpose from an earlier step (e.g. `--restore_step=N` after a
+    divergence): orbax would skip saving every step up to the newest existing one and refuse
+    to save that one, so the newer checkpoints, sound or not, must make way. Call it on one
+    process, before the CheckpointManager is created (or call its `reload()` afterwards).
+
+    Args:
+      directory: a CheckpointManager directory.
+      step: the step being restored.
+      suffix: appended to the renamed directories (orbax ignores names that are not steps).
+
+    Returns:
+      The new paths.
+    """
+    from etils import epath
+
+    moved = []
+    for later in list_steps(directory):
+        if later <= step:
+            continue
+        source = epath.Path(directory) / str(later)
+        target, n = epath.Path(f"{source}{suffix}"), 1
+        while target.exists():
+            n += 1
+            target = epath.Path(f"{source}{suffix}{n}")
+        source.rename(target)
+        logging.warning(
+            "set aside checkpoint step %d (newer than step %d) as %s", later, step, target
+        )
+        moved.append(str(target))
+    return moved

@@ -120,3 +120,11 @@ def test_set_aside_lets_the_step_be_saved_again(checkpoints):
     assert checkpoint_health.find_restorable(checkpoints) == (20, [])
     restored = ocp.PyTreeCheckpointer().restore(os.path.join(checkpoints, "20", "state"))
     np.testing.assert_array_equal(restored["params"]["w"], _state(21)["params"]["w"])
+
+
+def test_set_aside_after_a_chosen_step(checkpoints):
+    moved = checkpoint_health.set_aside_after(checkpoints, 10)
+    assert moved == [os.path.join(checkpoints, "20.set_aside")]
+    assert checkpoint_health.list_steps(checkpoints) == [10]
+    assert checkpoint_health.set_aside_after(checkpoints, 10) == []
+    assert os.path.isdir(moved[0])
