@@ -69,6 +69,12 @@ def get_config() -> ml_collections.ConfigDict:
     # synthetic_lt generation.
     c.data.synthetic_seed = 0
     c.data.synthetic_classes = "target"  # 'target' (the 20 LT classes) | 'pretrain' (20 others)
+    # csv: what separates class names in the label field (' ' = any whitespace; another
+    # character, e.g. ';' or '|', lets class names hold spaces; ',' also takes several fields).
+    c.data.label_separator = " "
+    # coco_json / csv: a split JSON of `python -m mlcnc_jax.data.lt_builder` choosing the
+    # training images ('' = every image of train_annotations).
+    c.data.train_split_file = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlcnc"  # 'mlcnc' | 'baseline' (global pooling + linear classifier)

@@ -2,8 +2,9 @@
 
 - `coco_json`: one COCO-format file for training and one for testing, each with the folder its
   `file_name`s are relative to. Classes: the training file's categories, ids ascending.
-- `csv`: one row per image, `image path,class names separated by spaces`; an optional header
-  row starting with `image`, `path`, `file` or `filename`. Relative paths are taken relative to
+- `csv`: one row per image, `image path,class names separated by spaces` (or by
+  `config.data.label_separator`), standard CSV quoting, UTF-8 (a byte order mark is fine); an
+  optional header row starting with `image`, `path`, `file` or `filename`. Relative paths are taken relative to
   the given image folder (or the CSV's own folder when that is ''). Classes: the class names
   found in the training file, sorted.
 
@@ -13,9 +14,11 @@ Head/medium/tail groups come from the training counts.
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import numpy as np
+from absl import logging
 
 from mlcnc_jax.data.coco import read_coco_annotations
 from mlcnc_jax.data.dataset import HEAD_MIN, TAIL_MAX, MultiLabelDataset, Split, class_groups
@@ -46,9 +49,9 @@ def load_coco_json(
 
     Args:
       train_annotations: COCO-format JSON of the training images.
-      train_images: folder the training `file_name`s are relative to.
+      train_images: folder the training `file_name`s are relative to ('' = the file's folder).
       test_annotations: COCO-format JSON of the test images.
-      test_images: folder the test `file_name`s are relative to.
+      test_images: folder the test `file_name`s are relative to ('' = the file's folder).
       name: dataset name.
       head_min: head classes have at least this many training images.
       tail_max: tail classes have fewer than this many training images.
@@ -81,7 +84,12 @@ def load_coco_json(
     remap = np.array([names.index(n) for n in test_ann.class_names], np.int64)
 
     def split(ann, image_dir: str, class_map: np.ndarray | None) -> Split:
-        image_dir = os.path.expanduser(image_dir)
+        # '' = the annotation file's folder, as for CSV files.
+        image_dir = (
+            os.path.expanduser(image_dir)
+            if image_dir
+            else os.path.dirname(os.path.abspath(ann.path))
+        )
         labels = np.zeros((len(ann.image_ids), len(names)), np.uint8)
         for row, image_id in enumerate(ann.image_ids):
             classes = ann.image_classes[image_id]
@@ -104,38 +112,91 @@ def load_coco_json(
     )
 
 
-def read_csv(path: str, image_dir: str = "") -> tuple[list[str], list[list[str]]]:
-    """Reads a CSV of `image path,space-separated class names` rows.
+def split_labels(field: str, separator: str = " ") -> list[str]:
+    """The class names of a CSV label field.
+
+    Args:
+      field: the label field of one row (already unquoted by the CSV reader).
+      separator: what separates class names: " " (any run of whitespace) or another string,
+        e.g. ";" or "|", in which case class names may contain spaces.
+
+    Returns:
+      The class names, stripped, empty ones dropped.
+    """
+    if separator.strip() == "":
+        return field.split()
+    return [name.strip() for name in field.split(separator) if name.strip()]
+
+
+# Characters that in a class name usually mean a separator or a quote went wrong.
+_SUSPECT = (",", ";", "|", '"', "'")
+
+
+def read_csv(
+    path: str, image_dir: str = "", label_separator: str = " "
+) -> tuple[list[str], list[list[str]]]:
+    """Reads a CSV of `image path,class names` rows.
+
+    Fields follow the CSV rules: a field with commas or quotes is quoted, `"cat,dog"`, and a
+    quote inside it is doubled; a UTF-8 byte order mark is ignored. A row with only a path (or an empty
+    label field) is an image with no labels. With `label_separator` "," the class names may
+    also fill several fields: `img.jpg,cat,dog`.
 
     Args:
       path: the CSV file.
       image_dir: folder relative image paths are taken from ('' = the CSV's folder).
+      label_separator: what separates class names in the label field (see `split_labels`).
 
     Returns:
       (image paths, per image its class names).
 
     Raises:
       FileNotFoundError: the file does not exist.
-      ValueError: a row does not have exactly two fields.
+      ValueError: a row has more than two fields (unless the separator is ",").
     """
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CSV file {path} not found")
+    if not label_separator:
+        raise ValueError("config.data.label_separator is empty: use ' ' (the default), ';' or '|'")
     base = os.path.expanduser(image_dir) if image_dir else os.path.dirname(os.path.abspath(path))
     images, classes = [], []
-    with open(path, newline="") as f:
+    suspect: dict[str, int] = {}
+    # utf-8-sig drops a byte order mark, which would otherwise hide the header row.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         for line_no, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip():
                 continue
             if line_no == 1 and row[0].strip().lower() in _HEADER_WORDS:
                 continue
-            if len(row) != 2:
+            if label_separator == ",":
+                names = [n for field in row[1:] for n in split_labels(field, ",")]
+            elif len(row) > 2:
                 raise ValueError(
-                    f"{path}:{line_no}: expected 2 fields 'image path,class names separated by "
-                    f"spaces', got {len(row)}: {row!r}"
+                    f"{path}:{line_no}: expected 2 fields 'image path,class names', got "
+                    f"{len(row)}: {row!r}. Quote a label field that holds commas "
+                    '(img.jpg,"cat,dog"), or set --config.data.label_separator=, when the class '
+                    "names are separated by commas"
                 )
+            else:
+                names = split_labels(row[1], label_separator) if len(row) == 2 else []
+            for name in names:
+                if any(ch in name for ch in _SUSPECT):
+                    suspect.setdefault(name, line_no)
             images.append(os.path.join(base, row[0].strip()))
-            classes.append(row[1].split())
+            classes.append(names)
+    if suspect:
+        name, line_no = next(iter(suspect.items()))
+        logging.warning(
+            "%s: %d class name(s) contain a comma, semicolon, bar or quote, e.g. %r (line %d). "
+            "If those are several classes, set --config.data.label_separator to the character "
+            "between them (now %r); quote fields with commas as CSV does",
+            path,
+            len(suspect),
+            name,
+            line_no,
+            label_separator,
+        )
     return images, classes
 
 
@@ -147,6 +208,7 @@ def load_csv(
     name: str = "csv",
     head_min: int = HEAD_MIN,
     tail_max: int = TAIL_MAX,
+    label_separator: str = " ",
 ) -> MultiLabelDataset:
     """Loads a dataset described by two CSV files (see `read_csv`).
 
@@ -158,6 +220,7 @@ def load_csv(
       name: dataset name.
       head_min: head classes have at least this many training images.
       tail_max: tail classes have fewer than this many training images.
+      label_separator: what separates class names in the label field (see `split_labels`).
 
     Returns:
       The dataset; classes are the training file's class names, sorted.
@@ -165,8 +228,8 @@ def load_csv(
     for path, key in ((train_csv, "train_annotations"), (test_csv, "test_annotations")):
         if not path:
             raise ValueError(f"config.data.{key} is empty: set it to a CSV file")
-    train_paths, train_classes = read_csv(train_csv, train_images)
-    test_paths, test_classes = read_csv(test_csv, test_images)
+    train_paths, train_classes = read_csv(train_csv, train_images, label_separator)
+    test_paths, test_classes = read_csv(test_csv, test_images, label_separator)
     names = sorted({c for cs in train_classes for c in cs})
     unknown = sorted({c for cs in test_classes for c in cs} - set(names))
     if unknown:
@@ -188,5 +251,81 @@ def load_csv(
         class_names=names,
         train=train,
         test=split(test_paths, test_classes),
+        class_split=class_groups(train.class_freq, head_min, tail_max),
+    )
+
+
+def apply_split_file(
+    dataset: MultiLabelDataset,
+    split_file: str,
+    head_min: int = HEAD_MIN,
+    tail_max: int = TAIL_MAX,
+) -> MultiLabelDataset:
+    """Keeps the training images that a split file of `python -m mlcnc_jax.data.lt_builder` chose.
+
+    The split file (JSON: `class_names`, `train_image_ids`, ...) names training images by the
+    ids lt_builder read: COCO image ids for a COCO-format file, image paths for a CSV (taken
+    relative to the CSV's folder). The labels stay those of the annotation file; the groups are
+    recounted on the kept images.
+
+    Args:
+      dataset: the full dataset (from `load_coco_json` or `load_csv`).
+      split_file: the split JSON.
+      head_min: head classes have at least this many training images.
+      tail_max: tail classes have fewer than this many training images.
+
+    Returns:
+      The dataset with the chosen training images, in the split file's order.
+
+    Raises:
+      FileNotFoundError: no such split file.
+      ValueError: its classes differ from the dataset's, or it names images the training
+        annotations lack.
+    """
+    path = os.path.expanduser(split_file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"split file {split_file} not found: set --config.data.train_split_file to the JSON "
+            "that python -m mlcnc_jax.data.lt_builder --output wrote"
+        )
+    with open(path) as f:
+        record = json.load(f)
+    if "train_image_ids" not in record or "class_names" not in record:
+        raise ValueError(
+            f"{path}: not a split file (it needs train_image_ids and class_names, as "
+            "python -m mlcnc_jax.data.lt_builder writes)"
+        )
+    if list(record["class_names"]) != list(dataset.class_names):
+        raise ValueError(
+            f"{path} has classes {record['class_names'][:5]}... but the training annotations "
+            f"have {dataset.class_names[:5]}...: build the split from the same training file "
+            "(--labels of lt_builder = config.data.train_annotations)"
+        )
+
+    def key(i):
+        # CSV ids are paths: compare what they point to, however they are spelt.
+        return os.path.normpath(os.path.abspath(i)) if isinstance(i, str) else i
+
+    index = {key(i): row for row, i in enumerate(dataset.train.ids)}
+    missing = [i for i in record["train_image_ids"] if key(i) not in index]
+    if missing:
+        raise ValueError(
+            f"{path} names {len(missing)} image(s) that the training annotations lack, e.g. "
+            f"{missing[0]!r}: build the split from config.data.train_annotations (for a CSV, "
+            "leave config.data.train_images '' or set it to the CSV's folder, as lt_builder "
+            "reads paths relative to it)"
+        )
+    rows = np.asarray([index[key(i)] for i in record["train_image_ids"]], np.int64)
+    train = Split(
+        images=[dataset.train.images[r] for r in rows],
+        labels=dataset.train.labels[rows],
+        ids=[dataset.train.ids[r] for r in rows],
+    )
+    _require_no_empty_classes(dataset.class_names, train.class_freq, path)
+    return MultiLabelDataset(
+        name=dataset.name,
+        class_names=list(dataset.class_names),
+        train=train,
+        test=dataset.test,
         class_split=class_groups(train.class_freq, head_min, tail_max),
     )

@@ -23,6 +23,7 @@ Command line:
 the form of the official split files (`train_image_ids`, `train_labels`, `class_names`) or a
 .npy [N, K] multi-hot matrix. The split is written as JSON (the form of the official split
 files), the class table and groups are printed and the class histogram is written as PNG.
+Train on the subset with `--config.data.train_split_file=lt.json` (coco_json and csv data).
 """
 
 from __future__ import annotations
@@ -126,11 +127,12 @@ def build_long_tail(
     return np.flatnonzero(selected)
 
 
-def read_labels(path: str) -> tuple[list, np.ndarray, list[str]]:
+def read_labels(path: str, label_separator: str = " ") -> tuple[list, np.ndarray, list[str]]:
     """Reads a label matrix from a COCO-format JSON, a CSV, a split JSON or a .npy file.
 
     Args:
       path: the file (see the module docstring).
+      label_separator: for a CSV, what separates class names (as config.data.label_separator).
 
     Returns:
       (image ids, [N, K] uint8 labels, class names).
@@ -150,7 +152,7 @@ def read_labels(path: str) -> tuple[list, np.ndarray, list[str]]:
     if path.endswith(".csv"):
         from mlcnc_jax.data import custom
 
-        images, classes = custom.read_csv(path)
+        images, classes = custom.read_csv(path, label_separator=label_separator)
         names = sorted({c for cs in classes for c in cs})
         index = {n: i for i, n in enumerate(names)}
         labels = np.zeros((len(images), len(names)), np.uint8)
@@ -211,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--shape", type=float, default=PARETO_SHAPE, help="Pareto shape")
     parser.add_argument("--min_count", type=int, default=1, help="floor of the profile")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--label_separator",
+        default=" ",
+        help="CSV: what separates class names (as config.data.label_separator)",
+    )
     parser.add_argument("--head_min", type=int, default=HEAD_MIN)
     parser.add_argument("--tail_max", type=int, default=TAIL_MAX)
     parser.add_argument("--plot", default="", help="histogram PNG (default: output with .png)")
@@ -218,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from mlcnc_jax.data import stats
 
-    ids, labels, names = read_labels(args.labels)
+    ids, labels, names = read_labels(args.labels, args.label_separator)
     chosen = build_long_tail(labels, args.max_count, args.shape, args.min_count, args.seed)
     record = split_record(
         [ids[i] for i in chosen],

@@ -5,7 +5,10 @@ Sources (config.data.name):
   coco_lt       COCO-LT from the user's COCO 2017 copy (or tfds coco/2017)
   voc_lt        VOC-LT from the user's VOCdevkit (or tfds voc/2012 + voc/2007)
   coco_json     the user's own COCO-format annotation files
-  csv           the user's own CSV files (image path, space-separated class names)
+  csv           the user's own CSV files (image path, class names)
+
+coco_json and csv take an lt_builder split file (config.data.train_split_file) choosing
+the training images.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import re
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from mlcnc_jax.data import coco, custom, voc
 from mlcnc_jax.data.dataset import MultiLabelDataset, Split, class_groups
@@ -68,9 +72,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> MultiLabelDataset:
             d.head_min,
             d.tail_max,
         )
-    elif d.name in _CUSTOM:
-        loader = custom.load_coco_json if d.name == "coco_json" else custom.load_csv
-        dataset = loader(
+    elif d.name == "coco_json":
+        dataset = custom.load_coco_json(
             d.train_annotations,
             d.train_images,
             d.test_annotations,
@@ -79,9 +82,28 @@ def load_dataset(config: ml_collections.ConfigDict) -> MultiLabelDataset:
             head_min=d.head_min,
             tail_max=d.tail_max,
         )
+    elif d.name == "csv":
+        dataset = custom.load_csv(
+            d.train_annotations,
+            d.train_images,
+            d.test_annotations,
+            d.test_images,
+            name=d.name,
+            head_min=d.head_min,
+            tail_max=d.tail_max,
+            label_separator=d.label_separator,
+        )
     else:
         raise ValueError(f"unknown config.data.name {d.name!r}; expected one of {list(SOURCES)}")
 
+    if d.train_split_file:
+        if d.name not in _CUSTOM:
+            raise ValueError(
+                f"config.data.train_split_file is for coco_json and csv data, not {d.name!r}: "
+                "leave it '' (the benchmarks take their split files from config.data.split_dir)"
+            )
+        # Before the image check, so only the chosen images are read.
+        dataset = custom.apply_split_file(dataset, d.train_split_file, d.head_min, d.tail_max)
     if d.name != "synthetic_lt":
         train = check_images(dataset.train, d.skip_corrupt)
         test = check_images(dataset.test, d.skip_corrupt)
@@ -104,17 +126,63 @@ def subset(split: Split, indices) -> Split:
     )
 
 
-def _decode_error(path: str) -> str | None:
+def decode_error(path: str) -> str | None:
+    """Why the training input pipeline cannot decode the image file `path`, or None.
+
+    The check runs the pipeline's own decoder (`pipeline._decode`, TensorFlow's
+    decode_image), so a file Pillow reads but TensorFlow does not (TIFF, for one) fails here,
+    before training, and not in the middle of an epoch.
+
+    Args:
+      path: an image file.
+
+    Returns:
+      None when it decodes fully; otherwise the decoder's reason, one line.
+    """
+    import tensorflow as tf
+
+    from mlcnc_jax.data import pipeline  # the decoder training uses
+
     try:
-        with Image.open(path) as image:
-            image.load()  # full decode: a truncated file only fails here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
+        pipeline._decode(tf.io.read_file(path))
+    except (tf.errors.OpError, ValueError) as e:
+        message = getattr(e, "message", str(e))
+        # Drop TensorFlow's '{{function_node ...}}' prefix and '[Op:DecodeImage]' suffix.
+        message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", message).strip()
+        return f"{type(e).__name__}: {message.splitlines()[0] if message else ''}"
     return None
 
 
+def decode_errors(paths: Sequence[str]) -> list[str | None]:
+    """`decode_error` of every file of `paths`, in parallel; a missing file is an error too.
+
+    For a batch of user files (e.g. prediction inputs) that should go on past the bad ones.
+
+    Args:
+      paths: image files.
+
+    Returns:
+      Per path, None (it decodes) or the reason it does not, e.g. 'not found'.
+    """
+    from tqdm import tqdm
+
+    def one(path: str) -> str | None:
+        return "not found" if not os.path.isfile(path) else decode_error(path)
+
+    # TensorFlow's kernels run without the GIL, so threads use all cores.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(
+            tqdm(
+                pool.map(one, paths, chunksize=16),
+                total=len(paths),
+                desc="checking images",
+                disable=len(paths) < _PROGRESS_MIN,
+            )
+        )
+
+
 def check_images(split: Split, skip_corrupt: bool) -> Split:
-    """Checks that every image file of `split` exists and decodes fully.
+    """Checks that every image file of `split` exists and decodes fully with the training decoder.
 
     Splits whose images are encoded bytes (tfds sources) are returned unchanged.
 
@@ -138,26 +206,16 @@ def check_images(split: Split, skip_corrupt: bool) -> Split:
             + (f" and {missing[1]}" if len(missing) > 1 else "")
             + ": check config.data.root / the image folders (the annotations name these files)"
         )
-    from tqdm import tqdm
-
-    # PIL releases the GIL while decoding, so threads use all cores.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        errors = list(
-            tqdm(
-                pool.map(_decode_error, split.images, chunksize=16),
-                total=len(split),
-                desc="checking images",
-                disable=len(split) < _PROGRESS_MIN,
-            )
-        )
+    errors = decode_errors(split.images)
     bad = [i for i, e in enumerate(errors) if e is not None]
     if not bad:
         return split
     if not skip_corrupt:
         first = bad[0]
         raise ValueError(
-            f"{len(bad)} images cannot be decoded, e.g. {split.images[first]} ({errors[first]}). "
-            "Replace them, or skip such images with --config.data.skip_corrupt=True"
+            f"{len(bad)} images cannot be decoded by the input pipeline (JPEG, PNG, GIF, BMP "
+            f"and WebP can), e.g. {split.images[first]} ({errors[first]}). Replace or convert "
+            "them, or skip such images with --config.data.skip_corrupt=True"
         )
     logging.warning(
         "skipped %d of %d images that cannot be decoded (e.g. %s: %s)",

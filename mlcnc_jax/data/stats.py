@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from mlcnc_jax.data.dataset import MultiLabelDataset
+from mlcnc_jax.data.dataset import MultiLabelDataset, Split
 
 GROUP_COLOURS = {"head": "tab:blue", "medium": "tab:orange", "tail": "tab:red"}
 HISTOGRAM_FILE = "class_histogram.png"
@@ -110,11 +111,71 @@ def plot_class_histogram(
     return path
 
 
+def images_without_labels(split: Split) -> list:
+    """The ids of the images of `split` that have no class at all."""
+    return [split.ids[i] for i in np.flatnonzero(split.labels.sum(axis=1) == 0)]
+
+
+def _identity(image) -> str | bytes:
+    # A file by what its path points to; an encoded image by its content.
+    if isinstance(image, bytes):
+        return hashlib.sha1(image).digest()
+    return os.path.realpath(os.path.expanduser(image))
+
+
+def shared_images(train: Split, test: Split) -> list:
+    """The images that are in both splits (a test image seen in training inflates the results).
+
+    Files are the same when their paths point to the same file (however spelt, links
+    resolved); encoded images when their bytes are equal.
+
+    Args:
+      train: the training split.
+      test: the test split.
+
+    Returns:
+      The shared images (test paths, or test ids for encoded images), in test order.
+    """
+    seen = {_identity(image) for image in train.images}
+    return [
+        image if isinstance(image, str) else test.ids[i]
+        for i, image in enumerate(test.images)
+        if _identity(image) in seen
+    ]
+
+
+def data_warnings(dataset: MultiLabelDataset) -> list[str]:
+    """Warnings about a dataset: images without labels, and images in both train and test.
+
+    Args:
+      dataset: the dataset.
+
+    Returns:
+      One sentence per problem found (none: an empty list).
+    """
+    found = []
+    for name, split in (("training", dataset.train), ("test", dataset.test)):
+        empty = images_without_labels(split)
+        if empty:
+            found.append(
+                f"{len(empty)} of {len(split)} {name} images have no labels, e.g. {empty[0]!r}: "
+                "they count as negatives of every class (check their annotation rows)"
+            )
+    shared = shared_images(dataset.train, dataset.test)
+    if shared:
+        found.append(
+            f"{len(shared)} test images are also training images (a leak: the test results "
+            f"overstate), e.g. {shared[0]!r}: remove them from one of the splits"
+        )
+    return found
+
+
 def data_stats(dataset: MultiLabelDataset, workdir: str) -> dict:
     """Prints the training split's statistics and writes the class histogram to `workdir`.
 
     The last printed line is one JSON object with `num_train_images`, `class_freq` (dataset
-    class order), `head`, `medium`, `tail` (class index lists), `num_test_images`, and more.
+    class order), `head`, `medium`, `tail` (class index lists), `num_test_images`, the
+    `warnings` of `data_warnings` (also printed before it), and more.
 
     Args:
       dataset: the dataset.
@@ -141,6 +202,9 @@ def data_stats(dataset: MultiLabelDataset, workdir: str) -> dict:
         title=f"{dataset.name}: {len(dataset.train)} training images",
     )
     print(f"class histogram: {histogram}")
+    warnings = data_warnings(dataset)
+    for line in warnings:
+        print(f"WARNING: {line}")
     result = {
         "name": dataset.name,
         "num_classes": dataset.num_classes,
@@ -153,6 +217,10 @@ def data_stats(dataset: MultiLabelDataset, workdir: str) -> dict:
         "medium": [int(i) for i in split["medium"]],
         "tail": [int(i) for i in split["tail"]],
         "histogram": histogram,
+        "num_train_without_labels": len(images_without_labels(dataset.train)),
+        "num_test_without_labels": len(images_without_labels(dataset.test)),
+        "num_test_in_train": len(shared_images(dataset.train, dataset.test)),
+        "warnings": warnings,
     }
     print(json.dumps(result), flush=True)
     return result

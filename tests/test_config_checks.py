@@ -1,0 +1,163 @@
+"""Config validation before anything is built, and the one-line error for misspelt keys."""
+
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import ablations, coco_lt, custom, default, pretrain, voc_lt
+from mlcnc_jax import config_checks
+
+
+def test_shipped_configs_are_valid():
+    for module in (default, coco_lt, voc_lt, custom, pretrain):
+        config_checks.validate(module.get_config())
+    for name in ablations.VARIANTS:
+        config_checks.validate(ablations.get_config(name))
+
+
+def test_one_error_names_every_bad_field_and_its_range():
+    c = default.get_config()
+    c.train.keep_checkpoints = 0
+    c.train.checkpoint_every_steps = 0
+    c.train.log_every_steps = 0
+    c.train.learning_rate = -1e-3
+    c.train.ema_decay = 1.0
+    c.data.crop_min_area = 0.0
+    c.data.val_fraction = 1.0
+    c.model.attention = "dot"
+    c.loss.fpc = -0.1
+    with pytest.raises(ValueError) as e:
+        config_checks.validate(c)
+    text = str(e.value)
+    for line in (
+        "config.train.keep_checkpoints = 0: must be an integer >= 1",
+        "config.train.checkpoint_every_steps = 0: must be an integer >= 1",
+        "config.train.log_every_steps = 0: must be an integer >= 1",
+        "config.train.learning_rate = -0.001: must be a number > 0",
+        "config.train.ema_decay = 1.0: must be a number in [0, 1)",
+        "config.data.crop_min_area = 0.0: must be a number in (0, 1]",
+        "config.data.val_fraction = 1.0: must be a number in [0, 1)",
+        "config.model.attention = 'dot': must be one of 'mha', 'cosine'",
+        "config.loss.fpc = -0.1: must be a number >= 0",
+    ):
+        assert line in text
+    assert text.startswith("9 invalid config values")
+
+
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("data.name", "cocolt", "'coco_lt'"),
+        ("data.sampling", "balanced", "'class_aware'"),
+        ("model.name", "vit", "'baseline'"),
+        ("model.classifier", "cosine", "'etf_trainable'"),
+        ("dtype", "float16", "'bfloat16'"),
+        ("parallel", "pjit", "'pmap'"),
+        ("loss.prototypes", "ema", "'cumulative'"),
+        ("train.schedule", "cosine", "'one_cycle'"),
+        ("train.optimizer", "sgd", "'adam'"),
+        ("train.batch_size", 0, ">= 1"),
+        ("eval.batch_size", 0, ">= 1"),
+        ("train.num_epochs", 0, ">= 1"),
+        ("train.eval_every_epochs", 0, ">= 1"),
+        ("train.weight_decay", -1.0, ">= 0"),
+        ("train.steps_per_epoch", 0, "-1"),
+        ("data.image_size", 0, ">= 1"),
+    ],
+)
+def test_each_rule(key, value, words):
+    c = default.get_config()
+    section, _, leaf = key.rpartition(".")
+    (c[section] if section else c)[leaf] = value
+    with pytest.raises(ValueError, match=f"config.{key} = ") as e:
+        config_checks.validate(c)
+    assert words in str(e.value)
+
+
+def test_relations_between_fields():
+    c = default.get_config()
+    c.data.resize_size = 16  # image_size 32
+    c.model.num_heads = 7  # embed_dim 128
+    c.data.tail_max = 200  # head_min 100
+    for w in config_checks.LOSS_WEIGHTS:
+        c.loss[w] = 0.0
+    found = config_checks.problems(c)
+    assert len(found) == 4
+    assert any("resize_size must be >= image_size" in f for f in found)
+    assert any("divisible by num_heads" in f for f in found)
+    assert any("tail_max must be <= head_min" in f for f in found)
+    assert any("loss weights are all 0" in f for f in found)
+
+
+def test_allowed_values_match_the_modules_that_use_them():
+    from mlcnc_jax import models, prototypes
+    from mlcnc_jax.data import pipeline, sources
+    from mlcnc_jax.models import mlcnc, resnet
+
+    assert config_checks.DATA_NAMES == sources.SOURCES
+    assert config_checks.SAMPLINGS == pipeline.SAMPLINGS
+    assert config_checks.MODEL_NAMES == models.MODELS
+    assert config_checks.DTYPES == tuple(models.DTYPES)
+    assert set(config_checks.BACKBONES) == set(resnet.BACKBONES)
+    assert config_checks.ATTENTIONS == mlcnc.ATTENTIONS
+    assert config_checks.CLASSIFIERS == mlcnc.CLASSIFIERS
+    assert config_checks.PROTOTYPES == prototypes.MODES
+    # Every loss weight and every rule names a declared field.
+    keys = set(config_checks.flatten_keys(default.get_config()))
+    assert {k for k in config_checks._RULES} <= keys
+
+
+def test_suggest_key():
+    c = default.get_config()
+    assert config_checks.suggest_key("train.bach_size", c) == "train.batch_size"
+    assert config_checks.suggest_key("config.trian.batch_size", c) == "train.batch_size"
+    assert config_checks.suggest_key("model.atention", c) == "model.attention"
+    assert config_checks.suggest_key("zzz.qqqq", c) == ""
+
+
+def _parse(argv, monkeypatch):
+    # The real flag parsing of the command line, in a flag registry of its own.
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=values, lock_config=True)
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+    values(argv)
+    return values
+
+
+@pytest.mark.parametrize(
+    "override,bad,good",
+    [
+        ("--config.train.bach_size=8", "train.bach_size", "train.batch_size"),
+        ("--config.trian.batch_size=8", "trian.batch_size", "train.batch_size"),
+    ],
+)
+def test_format_config_error_of_a_misspelt_override(override, bad, good, monkeypatch):
+    argv = ["run.py", "--config=configs/default.py", override]
+    with pytest.raises((KeyError, AttributeError)) as e:
+        _parse(argv, monkeypatch)
+    line = config_checks.format_config_error(e.value, argv=argv)
+    assert line == (
+        f"unknown config field {bad!r} ({override}): did you mean --config.{good}? "
+        "Every field is declared in configs/default.py."
+    )
+    assert "\n" not in line
+
+
+def test_format_config_error_leaves_other_errors_alone(monkeypatch):
+    argv = ["run.py", "--config=configs/default.py", "--config.train.batch_size=8"]
+    assert _parse(argv, monkeypatch).config.train.batch_size == 8
+    assert config_checks.format_config_error(ValueError("x"), argv=argv) is None
+    assert config_checks.format_config_error(KeyError("x"), argv=argv) is None
+
+
+def test_batches_must_divide_among_the_devices():
+    c = default.get_config()
+    c.train.batch_size = 12
+    assert config_checks.problems(c, num_devices=4) == []
+    found = config_checks.problems(c, num_devices=8)
+    assert found == [
+        "config.train.batch_size = 12: must be a multiple of the 8 devices (every device gets "
+        "an equal share of each batch)"
+    ]
