@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging as std_logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -151,6 +152,12 @@ def configure_logging(verbosity: int) -> None:
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()  # nested bars per split, between our lines
+    # tfds warns on every load of the built-in data that its config is "custom": noise here.
+    logging.get_absl_handler().addFilter(
+        lambda record: (
+            record.levelno >= std_logging.ERROR or "tensorflow_datasets" not in record.pathname
+        )
+    )
 
 
 def _main(argv: list[str]) -> None:

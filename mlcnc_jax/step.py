@@ -42,6 +42,40 @@ def update_prototypes(
     return jax.tree.map(lambda a, b: jnp.where(epoch_end, a, b), ended, protos)
 
 
+def example_dropout(first_index: jax.Array | int):
+    """A method interceptor that draws every `nn.Dropout` mask per example.
+
+    Example b of the global batch (index `first_index + b`, its position in the
+    global batch) gets the mask of key fold_in(module key, index), so the masks do
+    not depend on how the batch is split over devices: jit over a mesh, pmap and
+    one device draw the same. Leading axis of the dropped array: the batch.
+
+    Args:
+      first_index: global index of this device's first example (0 under jit).
+
+    Returns:
+      An interceptor for `flax.linen.intercept_methods`.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if not isinstance(module, nn.Dropout) or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        deterministic = kwargs.get("deterministic", args[1] if len(args) > 1 else None)
+        deterministic = module.deterministic if deterministic is None else deterministic
+        if deterministic or module.rate == 0.0 or module.broadcast_dims or x.ndim == 0:
+            return next_fun(*args, **kwargs)
+        keep = 1.0 - module.rate
+        key = module.make_rng(module.rng_collection)
+        index = first_index + jnp.arange(x.shape[0])
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
+        mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(keys)
+        return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+    return interceptor
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -76,10 +110,12 @@ def train_step(
     Returns:
       (new state, metrics) with the total loss, each term and the learning rate.
     """
+    # One key for the global batch; dropout masks come per example (`example_dropout`).
     rng = jax.random.fold_in(state.rng, state.step)
-    if axis_name is not None:
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     labels = batch["labels"]
+    first_index = 0
+    if axis_name is not None:
+        first_index = jax.lax.axis_index(axis_name) * labels.shape[0]
 
     def compute_loss(params):
         variables = {
@@ -87,9 +123,14 @@ def train_step(
             "batch_stats": state.batch_stats,
             **({"etf": state.etf} if state.etf else {}),
         }
-        outputs, mutated = model.apply(
-            variables, batch["image"], train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
-        )
+        with nn.intercept_methods(example_dropout(first_index)):
+            outputs, mutated = model.apply(
+                variables,
+                batch["image"],
+                train=True,
+                rngs={"dropout": rng},
+                mutable=["batch_stats"],
+            )
         gathered = {k: outputs[k] for k in LOSS_OUTPUTS if k in outputs}
         all_labels = labels
         if axis_name is not None:

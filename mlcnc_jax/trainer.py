@@ -135,7 +135,14 @@ class Trainer:
         del state
         results = {}
         for step in range(start, plan.total_steps):
-            placed, step_metrics = self.train_step(placed, self.placement.shard(next(batches)))
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(
+                    f"The training iterator ended after step {step} of {plan.total_steps}: "
+                    "pass one that yields batches to the end of the plan (e.g. an infinite one)."
+                ) from None
+            placed, step_metrics = self.train_step(placed, self.placement.shard(batch))
             # Waiting on each step keeps XLA's CPU collectives from deadlocking and
             # lets a NaN stop the run before it reaches a checkpoint.
             step_metrics = jax.tree.map(

@@ -181,3 +181,22 @@ def test_weight_decay_reaches_exactly_the_weight_matrices_and_kernels():
     assert decayed == {"['embed']['kernel']", "['conv']['kernel']", "['projection']['kernel']"}
     # With only the decay as gradient, each decayed weight moves against itself.
     assert float(optax.global_norm(updates)) > 0
+
+
+def test_dropout_masks_do_not_depend_on_how_the_batch_is_split():
+    drop = nn.Dropout(0.5, deterministic=False)
+    x = jnp.ones((8, 3, 5))
+    key = jax.random.key(0)
+
+    def apply(part, first):
+        with nn.intercept_methods(step.example_dropout(first)):
+            return drop.apply({}, part, rngs={"dropout": key})
+
+    whole = apply(x, 0)
+    halves = jnp.concatenate([apply(x[:4], 0), apply(x[4:], 4)])
+    np.testing.assert_array_equal(whole, halves)
+    assert 0.3 < float(jnp.mean(whole == 0)) < 0.7  # it does drop
+    assert set(np.unique(np.asarray(whole)).tolist()) == {0.0, 2.0}
+    np.testing.assert_array_equal(  # examples differ from each other
+        np.asarray(whole[0] == whole[1]).all(), False
+    )

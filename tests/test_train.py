@@ -130,11 +130,9 @@ def step_losses(config, workdir, steps):
 
 
 def test_pmap_matches_jit(data_root, tmp_path):
-    # Dropout masks are drawn per device under pmap, so compare without dropout.
-    config = tiny_config(
-        data_root,
-        **{"model.attention_dropout": 0.0, "loss.warmup_epochs": 0, "train.steps_per_epoch": 2},
-    )
+    # With the attention dropout on: its masks are drawn per example, not per device.
+    config = tiny_config(data_root, **{"loss.warmup_epochs": 0, "train.steps_per_epoch": 2})
+    assert config.model.attention_dropout > 0
     jit_losses, jit_state = step_losses(config, tmp_path / "jit", 5)
     config.parallel = "pmap"
     pmap_losses, pmap_state = step_losses(config, tmp_path / "pmap", 5)
