@@ -2,28 +2,28 @@
 
 GPU hosts may lack TensorFlow, so this check never imports it: the images come
 from an .npz file of JPEG bytes rendered beforehand (with `--make_data`, on a
-machine that has the project's data dependencies), are decoded once with Pillow,
-augmented in numpy (random crop after reflect padding, horizontal flip) and drawn
-by a numpy class-aware sampler. Training uses the project's model, losses,
-optimizer, TrainState and `train.train_step` under `jax.jit`; evaluation scores
-the test images with `train.eval_step` and `metrics.lt_map`.
+machine that has the project's data dependencies) and are decoded once with
+Pillow. Everything else is the project's own code: the class-aware sampler
+(`data.sampling`, through `data.arrays`), the model, optimizer, objective and
+the `Trainer` with its train step, NaN guard and `Evaluator` (padded batches
+with a mask). It reports images/s, step and compile time, peak memory and the
+MFU against the bf16 dense peak (--peak_tflops).
 
 The check passes when the total loss falls after the FLA warm-up (mean of the
 last 20 steps below the mean of the first 20 after warm-up) and the test mAP
 beats chance (the mean mAP of random scores) by `--min_gain` points.
 
     # once, where the project's data dependencies are installed (writes ~30 MiB):
-    python benchmarks/gpu_train_check.py --make_data benchmarks/cache/gpu_check/synthetic_lt_224.npz
+    python -m benchmarks.gpu_train_check --make_data benchmarks/cache/gpu_check/synthetic_lt_224.npz
     # on the GPU (what benchmarks/gpu_check.sh runs):
-    python benchmarks/gpu_train_check.py --data benchmarks/cache/gpu_check/synthetic_lt_224.npz
+    python -m benchmarks.gpu_train_check --data benchmarks/cache/gpu_check/synthetic_lt_224.npz
     # the same code path on CPU in seconds: resnet_small, 32 px, a few steps
-    python benchmarks/gpu_train_check.py --smoke [--data FILE]
+    python -m benchmarks.gpu_train_check --smoke [--data FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import io
 import json
 import math
@@ -33,9 +33,11 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mlcnc_jax.reports import to_json
 
 DEFAULT_DATA = "benchmarks/cache/gpu_check/synthetic_lt_224.npz"
+# bfloat16 dense peak of the GPU the check was written for (H200 / H100 SXM, ~790 TFLOP/s).
+PEAK_BF16_FLOPS = 790e12
 
 
 # ----------------------------------------------------------------------------- data file
@@ -117,7 +119,7 @@ def load_data(path: str, image_size: int, limit: int | None = None) -> dict:
 
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{path} not found: render it first with `python benchmarks/gpu_train_check.py "
+            f"{path} not found: render it first with `python -m benchmarks.gpu_train_check "
             f"--make_data {path}` on a machine with the project's data dependencies."
         )
     with np.load(path) as data:
@@ -159,28 +161,6 @@ def random_data(image_size: int, num_classes: int = 6, n: int = 64) -> dict:
     }
 
 
-def class_aware_indices(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` image indices: a class drawn uniformly, then one of its images uniformly."""
-    by_class = [np.flatnonzero(labels[:, c] > 0.5) for c in range(labels.shape[1])]
-    present = [c for c, idx in enumerate(by_class) if len(idx)]
-    classes = rng.choice(present, size=count)
-    return np.array([by_class[c][rng.integers(len(by_class[c]))] for c in classes])
-
-
-def augment(images: np.ndarray, rng: np.random.Generator, pad_fraction: float = 0.125):
-    """Random crop after reflect padding (1/8 of the side) and horizontal flip, in numpy."""
-    n, s = images.shape[:2]
-    pad = max(1, int(round(s * pad_fraction)))
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    out = np.empty_like(images)
-    ys, xs = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
-    flips = rng.random(n) < 0.5
-    for i in range(n):
-        crop = padded[i, ys[i] : ys[i] + s, xs[i] : xs[i] + s]
-        out[i] = crop[:, ::-1] if flips[i] else crop
-    return out
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -199,6 +179,54 @@ def chance_map(labels: np.ndarray, class_split: dict, draws: int = 20) -> float:
     )
 
 
+class StepTimes:
+    """A trainer hook: wall time of every step (data, step, metrics fetch) and the losses."""
+
+    def __init__(self):
+        self.times, self.losses, self.fla, self.scale = [], [], [], []
+        self.compile_s = None
+        self._t = None
+
+    def on_start(self, state, start_step):
+        self._t = time.perf_counter()
+
+    def on_step(self, step, metrics):
+        now = time.perf_counter()
+        if self.compile_s is None:  # placing the state, compiling and the first step
+            self.compile_s = now - self._t
+        else:
+            self.times.append(now - self._t)
+        self._t = now
+        self.losses.append(float(metrics["loss"]))
+        self.fla.append(float(metrics.get("loss_fla", np.nan)))
+        self.scale.append(float(metrics.get("logit_scale", np.nan)))
+        if step % 50 == 0:
+            print(
+                f"step {step} loss {self.losses[-1]:.4f} fla {self.fla[-1]:.4f} "
+                f"logit scale {self.scale[-1]:.3f} lr {float(metrics['learning_rate']):.2e}",
+                flush=True,
+            )
+
+
+def _peak_memory_bytes() -> int | None:
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _step_flops(trainer, state, batch) -> float | None:
+    """XLA's FLOP count of one train step (from the lowered program: no second compile)."""
+    try:
+        placed = trainer.placement.place(state)
+        cost = trainer.train_step.lower(placed, trainer.placement.shard(batch)).cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend counts; the column is then empty
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def run_check(
     data: dict,
     *,
@@ -214,14 +242,18 @@ def run_check(
     model_name: str = "mlcnc",
     min_gain: float,
     seed: int = 0,
+    peak_flops: float = PEAK_BF16_FLOPS,
 ) -> dict:
-    """Trains with the project's train step and evaluates; returns the numbers and the verdict."""
+    """Trains with the project's Trainer on numpy batches and evaluates; returns the numbers."""
     import jax
-    import jax.numpy as jnp
 
     from configs.default import get_config
-    from mlcnc_jax import metrics, train
+    from mlcnc_jax import build, objective, optim, parallel
+    from mlcnc_jax.data import arrays
+    from mlcnc_jax.evaluation import Evaluator
     from mlcnc_jax.models import create_model
+    from mlcnc_jax.state import Schedule
+    from mlcnc_jax.trainer import Trainer
 
     num_classes = data["train_labels"].shape[1]
     config = get_config()
@@ -241,96 +273,74 @@ def run_check(
         config.loss.bce, config.loss.warmup_epochs = 1.0, 0
         warmup_steps = 0
     num_train = len(data["train_labels"])
-    schedule = train.Schedule(
+    plan = Schedule(
         steps_per_epoch=max(1, math.ceil(num_train / batch_size)),
         total_steps=steps,
         warmup_steps=warmup_steps,
     )
+    placement = parallel.Placement("jit")
     model = create_model(config, num_classes)
-    tx, lr_schedule = train.create_optimizer(config, schedule.total_steps)
-    t0 = time.perf_counter()
-    state = train.create_train_state(config, model, tx, num_classes)
-    init_s = time.perf_counter() - t0
-    step_fn = train.compile_train_step(
-        model,
-        tx,
-        config,
-        schedule,
-        lr_schedule,
-        np.asarray(data["class_freq"], np.float64),
-        num_train,
+    tx, lr_schedule = optim.create_optimizer(config, plan.total_steps)
+    loss_fn = objective.make_objective(
+        config.loss,
+        objective.ClassStats(np.asarray(data["class_freq"], np.float64), num_train),
+        warmup_steps=plan.warmup_steps,
     )
-    eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
-    mean = jnp.asarray(config.data.mean, jnp.float32) * 255.0
-    std = jnp.asarray(config.data.std, jnp.float32) * 255.0
-
-    @jax.jit
-    def normalize(images_u8):
-        # On the device: the host ships uint8, a quarter of float32's bytes.
-        return (images_u8.astype(jnp.float32) - mean) / std
-
-    rng = np.random.default_rng(seed)
-    losses, fla, scale, times = [], [], [], []
-    t_start = time.perf_counter()
-    compile_s = None
-    for step in range(steps):
-        idx = class_aware_indices(data["train_labels"], batch_size, rng)
-        images = augment(data["train_images"][idx], rng)
-        batch = {
-            "image": normalize(jax.device_put(images)),
-            "labels": jax.device_put(data["train_labels"][idx]),
-        }
-        t0 = time.perf_counter()
-        state, step_metrics = step_fn(state, batch)
-        step_metrics = jax.device_get(step_metrics)
-        elapsed = time.perf_counter() - t0
-        if compile_s is None:
-            compile_s = elapsed
-        else:
-            times.append(elapsed)
-        loss = float(step_metrics["loss"])
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"loss {loss} at step {step + 1}: {step_metrics}")
-        losses.append(loss)
-        fla.append(float(step_metrics.get("loss_fla", np.nan)))
-        scale.append(float(step_metrics.get("logit_scale", np.nan)))
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            print(
-                f"step {step + 1}/{steps} loss {loss:.4f} fla {fla[-1]:.4f} "
-                f"logit scale {scale[-1]:.3f} lr {float(step_metrics['learning_rate']):.2e}",
-                flush=True,
-            )
-    train_s = time.perf_counter() - t_start
-
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    if state.etf:
-        variables["etf"] = state.etf
-    test_images, test_labels = data["test_images"], data["test_labels"]
-    scores = []
     t0 = time.perf_counter()
-    for lo in range(0, len(test_images), eval_batch_size):
-        chunk = test_images[lo : lo + eval_batch_size]
-        n = len(chunk)
-        if n < eval_batch_size:  # pad to one shape: one compilation
-            chunk = np.concatenate(
-                [chunk, np.zeros((eval_batch_size - n, *chunk.shape[1:]), chunk.dtype)]
-            )
-        out = eval_fn(variables, normalize(jax.device_put(chunk)))
-        scores.append(np.asarray(out["scores"])[:n])
-    eval_s = time.perf_counter() - t0
-    scores = np.concatenate(scores)
-    result_map = metrics.lt_map(scores, test_labels, data["class_split"])
-    chance = chance_map(test_labels, data["class_split"])
+    state = build.initial_train_state(config, model, tx, num_classes)
+    init_s = time.perf_counter() - t0
+    norm = {"mean": tuple(config.data.mean), "std": tuple(config.data.std)}
+    evaluator = Evaluator(
+        model,
+        lambda: arrays.eval_batches(
+            data["test_images"], data["test_labels"], global_batch=eval_batch_size, **norm
+        ),
+        num_images=len(data["test_labels"]),
+        class_split=data["class_split"],
+        mesh=placement.mesh,
+    )
+    timing = StepTimes()
+    trainer = Trainer(
+        model=model,
+        tx=tx,
+        loss_fn=loss_fn,
+        lr_schedule=lr_schedule,
+        plan=plan,
+        evaluate=evaluator,
+        placement=placement,
+        ema_decay=config.train.ema_decay,
+        hooks=[timing],
+        eval_every_steps=steps,
+        checkpoint_every_steps=steps,
+    )
+    batches = arrays.train_batches(
+        data["train_images"],
+        data["train_labels"],
+        global_batch=batch_size,
+        sampling_name=config.data.sampling,
+        seed=seed,
+        **norm,
+    )
+    flops = _step_flops(trainer, state, next(batches))
+    t0 = time.perf_counter()
+    results = trainer.train(state, arrays.prefetch(batches, size=3))
+    train_eval_s = time.perf_counter() - t0
+    result_map = results["raw"]["map"]
+    chance = chance_map(data["test_labels"], data["class_split"])
 
+    losses, fla = timing.losses, timing.fla
+    step_s = float(np.median(timing.times)) if timing.times else None
     window = max(1, min(20, (steps - warmup_steps) // 3))
-    after = losses[warmup_steps:]
+    after = losses[warmup_steps:] or losses
     first, last = float(np.mean(after[:window])), float(np.mean(after[-window:]))
     checks = {
         "loss_falls": last < first,
         "map_beats_chance": result_map["total"] > chance + min_gain,
     }
+    device = jax.devices()[0]
+    mfu = flops / step_s / peak_flops if flops and step_s and device.platform == "gpu" else None
     return {
-        "device": f"{jax.devices()[0].platform} / {jax.devices()[0].device_kind}",
+        "device": f"{device.platform} / {device.device_kind}",
         "jax": jax.__version__,
         "model": model_name,
         "backbone": backbone,
@@ -341,14 +351,19 @@ def run_check(
         "warmup_steps": warmup_steps,
         "learning_rate": learning_rate,
         "logit_scale_init": logit_scale_init,
-        "logit_scale_last": scale[-1],
+        "logit_scale_last": timing.scale[-1],
         "num_train": num_train,
-        "num_test": len(test_labels),
+        "num_test": len(data["test_labels"]),
         "init_s": init_s,
-        "first_step_s (compile)": compile_s,
-        "step_median_s": float(np.median(times)) if times else None,
-        "train_s": train_s,
-        "eval_s": eval_s,
+        "compile_s": timing.compile_s,
+        "step_median_s": step_s,
+        "images_per_s": batch_size / step_s if step_s else None,
+        "flops_per_step": flops,
+        "peak_flops": peak_flops,
+        "mfu": mfu,
+        "peak_memory_bytes": _peak_memory_bytes(),
+        "train_and_eval_s": train_eval_s,
+        "eval_s": results.get("seconds"),
         "loss_first_after_warmup": first,
         "loss_last": last,
         "fla_first": float(np.mean(fla[:window])),
@@ -359,6 +374,30 @@ def run_check(
         "checks": checks,
         "passed": all(checks.values()),
     }
+
+
+def summarize(paths: list[str]) -> str:
+    """A table of the throughput numbers of result files written with --out."""
+    from benchmarks import common
+
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        mem = r.get("peak_memory_bytes")
+        rows.append(
+            [
+                str(r["batch_size"]),
+                common.fmt(r.get("images_per_s"), ".0f"),
+                common.fmt(r.get("step_median_s") and 1e3 * r["step_median_s"], ".1f"),
+                common.fmt(r.get("compile_s"), ".1f"),
+                common.fmt(mem and mem / 2**30, ".1f"),
+                common.fmt(r.get("mfu") and 100 * r["mfu"], ".1f"),
+                r["device"],
+            ]
+        )
+    header = ["batch", "images/s", "step ms", "compile s", "peak GiB", "MFU %", "device"]
+    return common.markdown_table(header, rows)
 
 
 def main() -> int:
@@ -392,9 +431,19 @@ def main() -> int:
     )
     parser.add_argument("--eval_batch_size", type=int, default=100)
     parser.add_argument("--min_gain", type=float, default=5.0, help="mAP points above chance")
+    parser.add_argument(
+        "--peak_tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="for the MFU"
+    )
+    parser.add_argument("--no_verdict", action="store_true", help="report only (throughput)")
     parser.add_argument("--out", help="write the result as JSON here")
+    parser.add_argument(
+        "--summarize", nargs="+", metavar="JSON", help="print a table of result files and exit"
+    )
     args = parser.parse_args()
 
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     if args.make_data:
         make_data(args.make_data, args.image_size, args.num_test)
         return 0
@@ -427,17 +476,18 @@ def main() -> int:
         eval_batch_size=args.eval_batch_size,
         model_name=args.model,
         min_gain=args.min_gain,
+        peak_flops=args.peak_tflops * 1e12,
     )
     result["tensorflow_imported"] = (
         "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None
     )
-    text = json.dumps(result, indent=2)
+    text = json.dumps(to_json(result), indent=2, allow_nan=False)
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    if args.smoke:
+    if args.smoke or args.no_verdict:
         return 0  # a few steps prove the code path, not learning
     print("PASSED" if result["passed"] else f"FAILED: {result['checks']}")
     return 0 if result["passed"] else 1

@@ -4,7 +4,7 @@ Writes a few hundred random-content 640x480 JPEGs to a temporary directory and
 times `pipeline.train_dataset` with tf.data limited to 1, 2, ... CPU threads.
 Prints a markdown table of images/s and images/s per core.
 
-  python benchmarks/input_pipeline.py [--images 256] [--batch 32] [--batches 24] [--cores 1,2]
+  python -m benchmarks.input_pipeline [--images 256] [--batch 32] [--batches 24] [--cores 1,2]
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 import os
 import pathlib
 import platform
-import sys
 import tempfile
 import time
 
@@ -23,7 +22,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import default  # noqa: E402
 from mlcnc_jax.data import pipeline  # noqa: E402
 from mlcnc_jax.data.dataset import Split  # noqa: E402

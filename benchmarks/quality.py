@@ -17,9 +17,9 @@ Every run has the same budget (steps, batch, image size). Finished runs are cach
 one JSON file each, so an interrupted benchmark continues where it stopped. Writes
 quality.md (tables, commands, machine), quality.json and quality.png to --out.
 
-    python benchmarks/quality.py                   # the full benchmark (< 60 min, 2 cores)
-    python benchmarks/quality.py --quick           # end-to-end smoke test (~2-3 min)
-    python benchmarks/quality.py --variants mlcnc,bce_aware --seeds 0,1
+    python -m benchmarks.quality                   # the full benchmark (< 60 min, 2 cores)
+    python -m benchmarks.quality --quick           # end-to-end smoke test (~2-3 min)
+    python -m benchmarks.quality --variants mlcnc,bce_aware --seeds 0,1
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import sys
@@ -38,17 +37,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import jax
+import numpy as np
+from absl import logging
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
-
-from configs import ablations, pretrain  # noqa: E402
+from benchmarks import common
+from benchmarks.common import ROOT
+from configs import ablations, pretrain
+from mlcnc_jax.groups import COLOURS, GROUPS
 
 METRICS = ("total", "head", "medium", "tail", "nc1", "nc2", "mean_angle")
-GROUPS = ("head", "medium", "tail")
 FINDINGS_BEGIN = "<!-- findings: kept when the script rewrites this file -->"
 FINDINGS_END = "<!-- end of findings -->"
 
@@ -245,7 +243,7 @@ class Runner:
         Returns:
           {'tag', 'config_hash', 'map', 'neural_collapse', 'map_ema', 'seconds', 'logit_scale'}.
         """
-        from mlcnc_jax import train
+        from mlcnc_jax import build
 
         key = f"{tag}_{config_hash(config)}"
         path = os.path.join(self.runs_dir, key + ".json")
@@ -258,7 +256,7 @@ class Runner:
         shutil.rmtree(workdir, ignore_errors=True)  # a killed run restarts from scratch
         start = time.perf_counter()
         try:
-            results = train.train_and_evaluate(config, workdir)
+            results = build.train_and_evaluate(config, workdir)
             error = None
         except FloatingPointError as e:  # a diverged run is a result (of a bad setting)
             results, error = None, str(e).splitlines()[0]
@@ -309,17 +307,7 @@ def _final_logit_scale(workdir: str) -> float | None:
         return None
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
+_jsonable = common.to_json
 
 
 def _num(x: Any) -> float:
@@ -472,19 +460,7 @@ def summarise(runs: Sequence[dict]) -> dict:
     return out
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"model name\s*:\s*(.+)", f.read())
-        if names:
-            cpu = names[0].strip()
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores visible to Python; JAX {jax.__version__} on "
-        f"{jax.default_backend()} ({jax.device_count()} device(s)); Python {platform.python_version()}"
-    )
+machine = common.machine
 
 
 def plot(summary: dict[str, dict], path: str) -> None:
@@ -497,12 +473,11 @@ def plot(summary: dict[str, dict], path: str) -> None:
     names = list(summary)
     x = np.arange(len(names))
     width = 0.27
-    colours = {"head": "tab:blue", "medium": "tab:orange", "tail": "tab:red"}
     fig, ax = plt.subplots(figsize=(max(8.0, 0.75 * len(names) + 2), 4.5))
     for i, g in enumerate(GROUPS):
         means = [summary[n][g]["mean"] for n in names]
         stds = [summary[n][g]["std"] for n in names]
-        ax.bar(x + (i - 1) * width, means, width, yerr=stds, capsize=2, label=g, color=colours[g])
+        ax.bar(x + (i - 1) * width, means, width, yerr=stds, capsize=2, label=g, color=COLOURS[g])
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=45, ha="right")
     ax.set_ylabel("test mAP (%)")
@@ -742,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     _SALT["synthetic_lt"] = str(synthetic.SyntheticLt.VERSION)
 
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     runner = Runner(cache)
     data_root = os.path.expanduser(args.data_root)

@@ -1,8 +1,8 @@
 """Training speed of MLC-NC: the full model, and the head plus its losses alone.
 
-Every case runs the project's real training step (`mlcnc_jax.train.train_step`:
+Every case runs the project's real training step (`mlcnc_jax.step.train_step`:
 forward, the configured losses two-way + FLA + FPC, backward, Adam with L2 decay,
-EMA, prototype statistics) on a `TrainState` from `train.create_train_state`,
+EMA, prototype statistics) on a `TrainState` from `build.initial_train_state`,
 jit-compiled with the state donated, exactly as training does.
 
 * Full model: ResNet-50 + MLC-NC head at 224 px, for 20 and 80 classes. On CPU
@@ -20,16 +20,15 @@ process's max RSS on CPU). Each case runs in its own process so peak memory is
 per case. The markdown table is printed and written into the results file,
 replacing only this backend's section.
 
-    python benchmarks/speed.py                          # defaults chosen by the backend
-    python benchmarks/speed.py --batch_sizes 64,128 --dtypes float32,bfloat16 --steps 20
-    python benchmarks/speed.py --no-full                # head + losses only (seconds)
+    python -m benchmarks.speed                          # defaults chosen by the backend
+    python -m benchmarks.speed --batch_sizes 64,128 --dtypes float32,bfloat16 --steps 20
+    python -m benchmarks.speed --no-full                # head + losses only (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
@@ -40,8 +39,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks.common import ROOT, cpu_model, row
 
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "speed.md")
 
@@ -90,13 +88,20 @@ def _jitted_step(config, model, tx, lr_schedule, num_classes: int):
     """The project's train step with the state donated, as the trainer builds it."""
     import numpy as np
 
-    from mlcnc_jax import train
+    from mlcnc_jax import objective, step
 
     # No FLA-only warm-up and no end of epoch while timing: the full loss every step.
     # (Under jit both branches are computed anyway; this keeps the logged loss meaningful.)
-    schedule = train.Schedule(steps_per_epoch=10**6, total_steps=10**6, warmup_steps=0)
-    return train.compile_train_step(
-        model, tx, config, schedule, lr_schedule, np.ones(num_classes), num_train=1000
+    loss_fn = objective.make_objective(
+        config.loss, objective.ClassStats(np.ones(num_classes), num_train=1000)
+    )
+    return step.compile_train_step(
+        model,
+        tx,
+        loss_fn,
+        lr_schedule,
+        steps_per_epoch=10**6,
+        ema_decay=config.train.ema_decay,
     )
 
 
@@ -115,35 +120,10 @@ def _with_valid_prototypes(state, num_classes: int, dim: int):
 
 
 def _head_state(config, model, tx, num_classes: int, tokens):
-    """A TrainState for the identity-backbone model (its input is a token map, not an image).
+    """A TrainState for the identity-backbone model (its input is a token map, not an image)."""
+    from mlcnc_jax import build
 
-    Mirrors `train.create_train_state`, which initialises from an image-shaped dummy.
-    """
-    import flax
-    import jax
-    import jax.numpy as jnp
-
-    from mlcnc_jax import prototypes, train
-
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, state_rng = jax.random.split(rng)
-    variables = flax.core.unfreeze(
-        jax.jit(functools.partial(model.init, train=False))(
-            {"params": init_rng, "dropout": init_rng}, tokens[:1]
-        )
-    )
-    params = variables["params"]
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats={},
-        etf=variables["etf"],
-        opt_state=tx.init(params),
-        ema={"params": params, "batch_stats": {}},
-        prototypes=prototypes.init_prototypes(num_classes, config.model.proj_dim),
-        rng=state_rng,
-    )
-    return jax.tree.map(jnp.copy, state)
+    return build.initial_train_state(config, model, tx, num_classes, example_input=tokens[:1])
 
 
 def _flops(cost) -> float | None:
@@ -183,7 +163,7 @@ def run_case(case: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from mlcnc_jax import train
+    from mlcnc_jax import build, optim
     from mlcnc_jax.models import DTYPES, create_model
 
     k, b, dtype = case["num_classes"], case["batch_size"], case["dtype"]
@@ -195,8 +175,8 @@ def run_case(case: dict) -> dict:
     if case["kind"] == "full":
         config = _config(case["backbone"], dtype, case["image_size"])
         model = create_model(config, k)
-        tx, lr_schedule = train.create_optimizer(config, total_steps=10**6)
-        state = train.create_train_state(config, model, tx, k)
+        tx, lr_schedule = optim.create_optimizer(config, total_steps=10**6)
+        state = build.initial_train_state(config, model, tx, k)
         size = case["image_size"]
         inputs = jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32)
     else:
@@ -211,7 +191,7 @@ def run_case(case: dict) -> dict:
 
         config = _config("resnet50", dtype, 224)
         model = create_model(config, k, backbone=TokenInput())
-        tx, lr_schedule = train.create_optimizer(config, total_steps=10**6)
+        tx, lr_schedule = optim.create_optimizer(config, total_steps=10**6)
         # A fixed feature map with ResNet-50's post-ReLU statistics (non-negative).
         side = int(round(HEAD_TOKENS**0.5))
         inputs = jnp.asarray(
@@ -292,7 +272,7 @@ def probe(dtypes: list[str], cpu_peak_gflops: float | None) -> dict:
         "peak_note": "",
     }
     if dev.platform == "cpu":
-        info["cpu_model"] = _cpu_model()
+        info["cpu_model"] = cpu_model()
         if cpu_peak_gflops:
             info["peak_flops"] = {d: cpu_peak_gflops * 1e9 for d in dtypes}
             info["peak_note"] = f"CPU peak given by --cpu_peak_gflops={cpu_peak_gflops}"
@@ -323,22 +303,13 @@ def probe(dtypes: list[str], cpu_peak_gflops: float | None) -> dict:
     return info
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"model name\s*:\s*(.+)", f.read())
-        return match.group(1).strip() if match else platform.processor()
-    except OSError:
-        return platform.processor()
-
-
 # ----------------------------------------------------------------------------- driver
 
 
 def _child(payload: dict, timeout: float) -> dict:
     """Runs `payload` in a fresh process (so its peak memory is its own)."""
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--_child", json.dumps(payload)],
+        [sys.executable, "-m", "benchmarks.speed", "--_child", json.dumps(payload)],
         stdout=subprocess.PIPE,
         text=True,
         timeout=timeout,
@@ -350,12 +321,7 @@ def _child(payload: dict, timeout: float) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def _cell(value: float | None, fmt: str, scale: float = 1.0) -> str:
-    return "n/a" if value is None else format(value * scale, fmt)
-
-
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
+from benchmarks.common import fmt as _cell  # noqa: E402
 
 
 def full_table(rows: list[dict], peaks: dict) -> str:
@@ -373,12 +339,12 @@ def full_table(rows: list[dict], peaks: dict) -> str:
         "step min-max (s)", "images/s", "train GFLOP/image", "achieved TFLOP/s", "% of peak",
         "peak memory (GiB)", "XLA buffers (GiB)",
     ]  # fmt: skip
-    out = [_row(head), _row(["---", "---:", "---:", "---:", "---"] + ["---:"] * 9)]
+    out = [row(head), row(["---", "---:", "---:", "---:", "---"] + ["---:"] * 9)]
     for r in rows:
         cells = [r["backbone"], str(r["image_size"]), str(r["num_classes"]), str(r["batch_size"])]
         cells.append(r["dtype"])
         if "skipped" in r:
-            out.append(_row(cells + [f"skipped: {r['skipped']}"] + [""] * 8))
+            out.append(row(cells + [f"skipped: {r['skipped']}"] + [""] * 8))
             continue
         flops = r["flops_per_step"]
         achieved = flops / r["step_s"] if flops else None
@@ -394,7 +360,7 @@ def full_table(rows: list[dict], peaks: dict) -> str:
             _cell(r["peak_memory_bytes"], ".2f", 2.0**-30),
             _cell(r["xla_buffer_bytes"], ".2f", 2.0**-30),
         ]
-        out.append(_row(cells))
+        out.append(row(cells))
     return "\n".join(out)
 
 
@@ -411,11 +377,11 @@ def head_table(rows: list[dict]) -> str:
         "classes", "batch", "dtype", "compile (s)", "step median (ms)", "step min-max (ms)",
         "GFLOP/step", "authors, 2-core CPU (ms)", "ours / authors", "speed-up",
     ]  # fmt: skip
-    out = [_row(head), _row(["---:", "---:", "---"] + ["---:"] * 7)]
+    out = [row(head), row(["---:", "---:", "---"] + ["---:"] * 7)]
     for r in rows:
         cells = [str(r["num_classes"]), str(r["batch_size"]), r["dtype"]]
         if "skipped" in r:
-            out.append(_row(cells + [f"skipped: {r['skipped']}"] + [""] * 6))
+            out.append(row(cells + [f"skipped: {r['skipped']}"] + [""] * 6))
             continue
         ref = AUTHORS_HEAD_STEP_S.get(r["num_classes"])
         cells += [
@@ -427,7 +393,7 @@ def head_table(rows: list[dict]) -> str:
             _cell(ref and r["step_s"] / ref, ".3f"),
             "n/a" if ref is None else f"{ref / r['step_s']:.1f}x",
         ]
-        out.append(_row(cells))
+        out.append(row(cells))
     return "\n".join(out)
 
 
@@ -574,7 +540,7 @@ def main() -> None:
         f"- Peak memory: {memory}, each case in its own process"
         + (" (includes the Python and XLA runtime)" if on_cpu else "")
         + "; XLA buffers: the compiled step's arguments + outputs + temporaries.",
-        "- Every step is `mlcnc_jax.train.train_step` (two-way + FLA + FPC with every class's "
+        "- Every step is `mlcnc_jax.step.train_step` (two-way + FLA + FPC with every class's "
         "prototype valid, Adam with L2 decay, EMA, prototype statistics), jit-compiled with the "
         "state donated; the median is over the timed steps after one warm-up step; compile "
         "time is lowering + XLA compilation. FLOPs: XLA's cost analysis of the compiled step "

@@ -1,4 +1,9 @@
-"""Thin orbax wrapper: the whole training state plus a JSON record of what made it."""
+"""Thin orbax wrapper: the whole training state plus a JSON record of what made it.
+
+`restore_variables` reads only the model's weights (params, batch statistics,
+the ETF collection) out of a checkpoint, without an optimizer: for prediction
+and for pre-trained backbones.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,16 @@ import jax
 import orbax.checkpoint as ocp
 
 from mlcnc_jax import storage
+
+# The parts of a saved TrainState that the model itself needs.
+VARIABLE_COLLECTIONS = ("params", "batch_stats", "etf")
+
+
+def model_fingerprint(config: Any, class_names: list[str]) -> dict:
+    """What shapes a checkpoint: the model settings (not where weights came from) and classes."""
+    model = config.model.to_dict()
+    model.pop("pretrained")
+    return {"model": model, "num_classes": len(class_names), "class_names": list(class_names)}
 
 
 class CheckpointMismatchError(ValueError):
@@ -99,6 +114,24 @@ class Checkpointer:
         )
         self.best.wait_until_finished()
 
+    def check_fingerprint(self, step: int) -> None:
+        """Raises CheckpointMismatchError, naming the differing settings, for another model."""
+        saved = self.read_meta(step).get("model")
+        if saved != self.fingerprint:
+            diff = sorted(
+                k
+                for k in set(saved or {}) | set(self.fingerprint)
+                if (saved or {}).get(k) != self.fingerprint.get(k)
+            )
+            details = ", ".join(
+                f"{k}: checkpoint={(saved or {}).get(k)!r} config={self.fingerprint.get(k)!r}"
+                for k in diff
+            )
+            raise CheckpointMismatchError(
+                f"The checkpoint at {self.directory} (step {step}) was made with another model "
+                f"config ({details}). Use a fresh --workdir, or the model settings of that run."
+            )
+
     def restore(self, target: Any, step: int | None = None) -> Any:
         """Restores checkpoint `step` (default: the latest) into the structure of `target`.
 
@@ -114,27 +147,35 @@ class Checkpointer:
           CheckpointMismatchError: the checkpoint was made with another model config.
         """
         step = self.manager.latest_step() if step is None else step
-        meta = self.read_meta(step)
-        saved = meta.get("model")
-        if saved != self.fingerprint:
-            diff = sorted(
-                k
-                for k in set(saved or {}) | set(self.fingerprint)
-                if (saved or {}).get(k) != self.fingerprint.get(k)
-            )
-            details = ", ".join(
-                f"{k}: checkpoint={(saved or {}).get(k)!r} config={self.fingerprint.get(k)!r}"
-                for k in diff
-            )
-            raise CheckpointMismatchError(
-                f"The checkpoint at {self.directory} (step {step}) was made with another model "
-                f"config ({details}). Use a fresh --workdir, or the model settings of that run."
-            )
+        self.check_fingerprint(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )
         return restored["state"]
+
+    def restore_variables(self, step: int | None = None, *, check: bool = True) -> dict:
+        """The model's variables of checkpoint `step` (default: the latest), no optimizer needed.
+
+        Args:
+          step: which checkpoint; None for the latest.
+          check: refuse a checkpoint of another model (see `restore`).
+
+        Returns:
+          {'params', 'batch_stats', 'etf'} as saved (host arrays; empty collections
+          stay empty dicts).
+        """
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(
+                f"No checkpoint in {self.directory}. Train first (--mode=train)."
+            )
+        if check:
+            self.check_fingerprint(step)
+        saved = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )["state"]
+        return {name: saved.get(name) or {} for name in VARIABLE_COLLECTIONS}
 
     def close(self) -> None:
         self.manager.close()

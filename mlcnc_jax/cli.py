@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging as std_logging
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 
 import ml_collections
 from absl import app, flags, logging
@@ -135,9 +137,33 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config"])
 
 
+def configure_logging(verbosity: int) -> None:
+    """Third-party log records (orbax, tfds, TensorFlow, JAX) only from --verbosity=1 on.
+
+    The console (console.py) prints what a person needs without logging, so at
+    the default verbosity 0 only warnings and errors are logged. Call before
+    TensorFlow is imported (its C++ log level is read at import).
+    """
+    if verbosity >= 1:
+        logging.set_verbosity(logging.INFO)
+        return
+    logging.set_verbosity(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # nested bars per split, between our lines
+    # tfds warns on every load of the built-in data that its config is "custom": noise here.
+    logging.get_absl_handler().addFilter(
+        lambda record: (
+            record.levelno >= std_logging.ERROR or "tensorflow_datasets" not in record.pathname
+        )
+    )
+
+
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    configure_logging(FLAGS.verbosity)
     run(
         FLAGS.config,
         FLAGS.workdir,
@@ -176,6 +202,8 @@ def run(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    hooks: Sequence = (),
+    wrap_batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
 ) -> dict | str:
     """Runs one mode of the program.
 
@@ -187,6 +215,8 @@ def run(
       coordinator_address: multi-host coordinator ('host:port'); None to auto-detect.
       num_processes: multi-host process count; None to auto-detect.
       process_id: this process's index; None to auto-detect.
+      hooks: more trainer hooks (train mode; see `trainer.Hook`).
+      wrap_batches: wraps the training iterator (train mode; see `build.Experiment.train`).
 
     Returns:
       The evaluation results (train, eval), the predictions path (predict) or
@@ -214,13 +244,13 @@ def run(
 
         return predict.predict(config, workdir)
 
-    from mlcnc_jax import train
+    from mlcnc_jax import build
 
     _prepare_data_on_process_0_first(config)
     if mode == "train":
-        results = train.train_and_evaluate(config, workdir)
+        results = build.train_and_evaluate(config, workdir, hooks=hooks, wrap_batches=wrap_batches)
     elif mode == "eval":
-        results = train.evaluate_checkpoint(config, workdir)
+        results = build.evaluate_checkpoint(config, workdir)
     else:
         raise ValueError(f"Unknown mode {mode!r}: use one of {MODES}.")
     if jax.process_index() == 0 and results:
@@ -230,7 +260,10 @@ def run(
             "map_ema": results["ema"]["map"],
             "neural_collapse": results["raw"]["neural_collapse"],
         }
-        print(json.dumps(summary, default=float))
+        from mlcnc_jax import reports
+
+        # Strict JSON: an empty group's mAP is null, never NaN.
+        print(json.dumps(reports.to_json(summary), allow_nan=False), flush=True)
     return results
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-GROUPS = ("head", "medium", "tail")
+from mlcnc_jax.groups import GROUPS
 
 
 def _check_scores_labels(scores: np.ndarray, labels: np.ndarray, name: str) -> None:

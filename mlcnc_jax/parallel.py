@@ -132,3 +132,32 @@ def to_host(x: jax.Array) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+class Placement:
+    """Where the state and the batches live for one parallel mode ('jit' or 'pmap').
+
+    Args:
+      mode: 'jit' (state replicated on a 1-D mesh, batches sharded on 'data') or
+        'pmap' (a leading local-device axis on both).
+      mesh: the mesh ('jit'; default: all devices).
+    """
+
+    def __init__(self, mode: str = "jit", mesh: Mesh | None = None):
+        if mode not in ("jit", "pmap"):
+            raise ValueError(f"Unknown config.parallel {mode!r}: use 'jit' or 'pmap'.")
+        self.mode = mode
+        self.mesh = make_mesh() if mesh is None else mesh
+        self.axis_name = AXIS if mode == "pmap" else None
+
+    def place(self, state: Any) -> Any:
+        """A host state, placed for the train step."""
+        return pmap_replicate(state) if self.axis_name else replicate(state, self.mesh)
+
+    def unplace(self, state: Any) -> Any:
+        """A placed state as one copy (what checkpoints and evaluation take)."""
+        return unreplicate(state) if self.axis_name else state
+
+    def shard(self, batch: dict[str, np.ndarray]) -> dict:
+        """This host's rows of a batch, laid out for the train step."""
+        return to_pmap(batch) if self.axis_name else to_global(batch, self.mesh)

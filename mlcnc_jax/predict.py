@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mlcnc_jax import checkpoint, storage, train
+from mlcnc_jax import checkpoint, storage
 from mlcnc_jax.models import create_model
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -57,21 +57,15 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
 
     workdir = storage.resolve(workdir)
     paths = list_inputs(config.predict.inputs)
-    probe = checkpoint.Checkpointer(workdir, {})
-    meta = probe.read_meta()
+    meta = checkpoint.Checkpointer(workdir, {}).read_meta()
     class_names = meta["model"]["class_names"]
     num_classes = len(class_names)
 
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.pretrained = ""  # the checkpoint holds the weights
     model = create_model(config, num_classes)
-    tx, _ = train.create_optimizer(config, total_steps=1)
-    target = train.create_train_state(config, model, tx, num_classes)
-    checkpointer = checkpoint.Checkpointer(workdir, train.model_fingerprint(config, class_names))
-    state = checkpointer.restore(target)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    if state.etf:
-        variables["etf"] = state.etf
+    checkpointer = checkpoint.Checkpointer(
+        workdir, checkpoint.model_fingerprint(config, class_names)
+    )
+    variables = {k: v for k, v in checkpointer.restore_variables().items() if v}
 
     @jax.jit
     def forward(images):

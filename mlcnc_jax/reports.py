@@ -1,4 +1,4 @@
-"""Evaluation reports: the per-class JSON and the AP-against-frequency plot."""
+"""What a run writes: eval JSON, the AP-against-frequency plot, TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from mlcnc_jax import storage
-from mlcnc_jax.data.stats import GROUP_COLOURS, group_of
+from mlcnc_jax.groups import COLOURS, group_of
 
 
 def to_json(value: Any) -> Any:
@@ -67,7 +68,7 @@ def write_eval_report(
         "per_class": per_class,
     }
     path = storage.join(workdir, f"eval_{step}.json")
-    storage.write_text(path, json.dumps(to_json(report), indent=1))
+    storage.write_text(path, json.dumps(to_json(report), indent=1, allow_nan=False))
     plot_ap_vs_frequency(
         storage.join(workdir, f"ap_vs_freq_{step}.png"),
         np.asarray(results["raw"]["ap"]),
@@ -95,7 +96,7 @@ def plot_ap_vs_frequency(
 
     fig, ax = plt.subplots(figsize=(8, 5))
     freq = np.maximum(np.asarray(class_freq), 1)
-    for group, colour in GROUP_COLOURS.items():
+    for group, colour in COLOURS.items():
         idx = [i for i, g in enumerate(groups) if g == group]
         if idx:
             ax.scatter(
@@ -121,3 +122,97 @@ def plot_ap_vs_frequency(
     fig.tight_layout()
     storage.save_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+PARAMETER_TABLE = "parameters.txt"
+
+
+def flat_hparams(config: ml_collections.ConfigDict) -> dict:
+    """The config as {'section.field': scalar} for TensorBoard's hyper-parameter table."""
+    flat = {}
+
+    def walk(prefix, d):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk("", config.to_dict())
+    return flat
+
+
+class RunReports:
+    """A trainer hook that writes the run's reports into the workdir (process 0 only).
+
+    Train scalars (means over `log_every_steps`) and eval scalars go to
+    TensorBoard; each evaluation also writes `eval_<step>.json` and
+    `ap_vs_freq_<step>.png`; a fresh run writes its hyper-parameters.
+
+    Args:
+      workdir: the run's directory.
+      config: the experiment config (its hyper-parameters are recorded).
+      dataset: the `MultiLabelDataset` (class names, frequencies, groups).
+      log_every_steps: how many steps each train scalar averages.
+
+    Writes the full parameter table to PARAMETER_TABLE at the start.
+    """
+
+    def __init__(
+        self, workdir: str, config: ml_collections.ConfigDict, dataset, log_every_steps: int
+    ):
+        # clu's writers import TensorFlow: only a run that writes reports needs them.
+        from clu import metric_writers
+
+        self.workdir = workdir
+        self.config = config
+        self.dataset = dataset
+        self.log_every_steps = max(1, int(log_every_steps))
+        self.writer = metric_writers.create_default_writer(workdir, just_logging=False)
+        self.pending: list[dict] = []
+        self.total_steps = None
+
+    def on_start(self, state, start_step: int) -> None:
+        from clu import parameter_overview
+
+        storage.write_text(
+            storage.join(self.workdir, PARAMETER_TABLE),
+            parameter_overview.get_parameter_overview(state.params) + "\n",
+        )
+        if start_step == 0:
+            self.writer.write_hparams(flat_hparams(self.config))
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        self.pending.append(metrics)
+        if step % self.log_every_steps == 0:
+            self._write_train(step)
+
+    def _write_train(self, step: int) -> None:
+        if not self.pending:
+            return
+        means = {k: float(np.mean([m[k] for m in self.pending])) for k in self.pending[0]}
+        self.writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+        self.pending = []
+
+    def on_eval(self, step: int, results: dict) -> None:
+        self._write_train(step)
+        scalars = {}
+        for name in ("raw", "ema"):
+            scalars.update({f"eval/{name}_map_{g}": v for g, v in results[name]["map"].items()})
+            scalars.update(
+                {f"eval/{name}_{k}": v for k, v in results[name]["neural_collapse"].items()}
+            )
+        self.writer.write_scalars(step, scalars)
+        self.writer.flush()
+        write_eval_report(
+            self.workdir,
+            results,
+            class_names=self.dataset.class_names,
+            class_freq=self.dataset.class_freq,
+            class_split=self.dataset.class_split,
+            dataset=self.dataset.name,
+        )
+
+    def on_end(self, step: int) -> None:
+        self._write_train(step)
+        self.writer.flush()

@@ -70,45 +70,36 @@ def record_writes(root: str, writes: list[str]) -> None:
     sys.addaudithook(hook)
 
 
-def instrument(train, patch=setattr) -> dict:
-    """Records what each host batch holds and every step's loss, around `train.Trainer`.
-
-    Args:
-      train: the `mlcnc_jax.train` module.
-      patch: sets an attribute (pytest's monkeypatch.setattr undoes it after a test).
+def instrument() -> tuple[dict, dict]:
+    """Records what each host batch holds and every step's loss, through the public seams.
 
     Returns:
-      {'batches': [{'rows', 'image_sha', 'labels'} per step], 'losses': [per step]},
-      filled in as training runs.
+      (seen, run_kwargs): seen is {'batches': [{'rows', 'image_sha', 'labels'} per
+      step], 'losses': [per step]}, filled in as training runs; run_kwargs are the
+      `hooks` and `wrap_batches` arguments of `cli.run` that fill it.
     """
+    from mlcnc_jax.trainer import Hook
+
     seen: dict = {"batches": [], "losses": []}
-    original_shard = train.Trainer._shard
-    original_init = train.Trainer.__init__
 
-    def shard(self, batch):
-        seen["batches"].append(
-            {
-                "rows": int(batch["image"].shape[0]),
-                "image_sha": [hashlib.sha1(row.tobytes()).hexdigest() for row in batch["image"]],
-                "labels": batch["labels"].tolist(),
-            }
-        )
-        return original_shard(self, batch)
+    def wrap_batches(batches):
+        for batch in batches:
+            seen["batches"].append(
+                {
+                    "rows": int(batch["image"].shape[0]),
+                    "image_sha": [
+                        hashlib.sha1(row.tobytes()).hexdigest() for row in batch["image"]
+                    ],
+                    "labels": batch["labels"].tolist(),
+                }
+            )
+            yield batch
 
-    def init(self, *a, **k):
-        original_init(self, *a, **k)
-        step_fn = self._train_step
+    class RecordLoss(Hook):
+        def on_step(self, step, metrics):
+            seen["losses"].append(float(metrics["loss"]))
 
-        def recorded_step(state, batch):
-            state, step_metrics = step_fn(state, batch)
-            seen["losses"].append(float(step_metrics["loss"]))
-            return state, step_metrics
-
-        self._train_step = recorded_step
-
-    patch(train.Trainer, "_shard", shard)
-    patch(train.Trainer, "__init__", init)
-    return seen
+    return seen, {"hooks": [RecordLoss()], "wrap_batches": wrap_batches}
 
 
 def main() -> None:
@@ -125,17 +116,17 @@ def main() -> None:
 
     from test_train import tiny_config
 
-    from mlcnc_jax import cli, train
+    from mlcnc_jax import cli
 
     config = tiny_config(args.data_root, **json.loads(args.overrides))
-    seen = instrument(train)
+    seen, run_kwargs = instrument()
     writes: list[str] = []
     record_writes(args.workdir, writes)
     if args.from_env:  # as a cluster would: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, ...
         os.environ["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{args.port}"
         os.environ["JAX_NUM_PROCESSES"] = str(args.num_processes)
         os.environ["JAX_PROCESS_ID"] = str(args.process_id)
-        results = cli.run(config, args.workdir, "train", multihost=True)
+        results = cli.run(config, args.workdir, "train", multihost=True, **run_kwargs)
     else:
         results = cli.run(
             config,
@@ -145,6 +136,7 @@ def main() -> None:
             coordinator_address=f"127.0.0.1:{args.port}",
             num_processes=args.num_processes,
             process_id=args.process_id,
+            **run_kwargs,
         )
     import jax
 

@@ -1,15 +1,9 @@
-"""benchmarks/speed.py: one real head + loss case (tiny), the tables and the results file."""
-
-import importlib.util
-import os
+"""benchmarks.speed: one real head + loss case (tiny), the tables and the results file."""
 
 import numpy as np
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "speed.py")
-_spec = importlib.util.spec_from_file_location("speed", _PATH)
-speed = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(speed)
+from benchmarks import speed
 
 
 def _cells(line: str) -> list[str]:

@@ -26,7 +26,7 @@ import pytest
 from multihost_worker import instrument
 from test_train import tiny_config
 
-from mlcnc_jax import checkpoint, cli, parallel, train
+from mlcnc_jax import build, checkpoint, cli, parallel
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 # 4 steps: an epoch of FLA warm-up, then an epoch of the full loss; checkpoints at steps 2
@@ -135,11 +135,10 @@ def reference(data_root, tmp_path_factory):
     """The single-process run: what it fed, its losses, results, final state and workdir."""
     workdir = str(tmp_path_factory.mktemp("single"))
     config = tiny_config(data_root, **OVERRIDES)
-    with pytest.MonkeyPatch.context() as mp:
-        seen = instrument(train, mp.setattr)
-        results = cli.run(config, workdir, "train")
-    trainer = train.Trainer(config, workdir)
-    state = trainer.initial_state()  # the last checkpoint: step 4
+    seen, run_kwargs = instrument()
+    results = cli.run(config, workdir, "train", **run_kwargs)
+    experiment = build.build(config, workdir)
+    state = experiment.initial_state()  # the last checkpoint: step 4
     assert int(state.step) == STEPS
     return {
         "config": config,
@@ -147,7 +146,7 @@ def reference(data_root, tmp_path_factory):
         "seen": seen,
         "results": results,
         "state": state,
-        "fingerprint": trainer.checkpointer.fingerprint,
+        "fingerprint": experiment.checkpointer.fingerprint,
     }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from mlcnc_jax import checkpoint, cli, train
+from mlcnc_jax import build, checkpoint, cli
 
 
 @pytest.fixture(scope="session")
@@ -45,21 +45,18 @@ class StopAfter(Exception):
     pass
 
 
-def interrupt_after(monkeypatch, steps: int):
-    """Makes the training loop die while fetching the batch after `steps` steps (like a kill)."""
-    calls = {"n": 0}
-    original = train.Trainer._shard
+def stop_after(steps: int):
+    """Wraps the training iterator so that the run dies fetching batch `steps + 1` (a kill)."""
 
-    def shard(self, batch):
-        calls["n"] += 1
-        if calls["n"] > steps:
-            raise StopAfter()
-        return original(self, batch)
+    def wrap(batches):
+        for _ in range(steps):
+            yield next(batches)
+        raise StopAfter()
 
-    monkeypatch.setattr(train.Trainer, "_shard", shard)
+    return wrap
 
 
-def test_train_evaluate_resume_predict(data_root, tmp_path, monkeypatch):
+def test_train_evaluate_resume_predict(data_root, tmp_path):
     assert jax.device_count() == 8
     config = tiny_config(data_root, **{"train.keep_best": True, "train.eval_every_epochs": 1})
 
@@ -76,15 +73,15 @@ def test_train_evaluate_resume_predict(data_root, tmp_path, monkeypatch):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]  # keep the last 2
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
     # The best checkpoint by test mAP is kept apart, under a name that says so.
-    best = [json.loads((workdir / f"eval_{k}.json").read_text())["map_raw"]["total"] for k in (3, 6)]
+    best = [
+        json.loads((workdir / f"eval_{k}.json").read_text())["map_raw"]["total"] for k in (3, 6)
+    ]
     kept = os.listdir(workdir / "best_checkpoint_by_test_map")
     assert kept == [str((3, 6)[int(np.argmax(best))])]
 
     # A run killed after step 5 (last checkpoint at step 4) resumes to the same result.
-    interrupt_after(monkeypatch, 5)
     with pytest.raises(StopAfter):
-        cli.run(config, str(tmp_path / "resumed"), "train")
-    monkeypatch.undo()
+        cli.run(config, str(tmp_path / "resumed"), "train", wrap_batches=stop_after(5))
     assert checkpoint.Checkpointer(str(tmp_path / "resumed"), {}).latest_step() == 4
     resumed = cli.run(config, str(tmp_path / "resumed"), "train")
     for name in ("raw", "ema"):
@@ -121,26 +118,21 @@ def test_train_evaluate_resume_predict(data_root, tmp_path, monkeypatch):
 
 
 def step_losses(config, workdir, steps):
-    trainer = train.Trainer(config, str(workdir))
-    state = trainer._place(trainer.initial_state())
-    from mlcnc_jax.data import pipeline
-
-    batches = pipeline.train_batches(
-        trainer.dataset.train, config, global_batch=config.train.batch_size
-    )
+    experiment = build.build(config, str(workdir))
+    placement = experiment.placement
+    state = placement.place(experiment.initial_state())
+    batches = experiment.train_batches()
     out = []
     for _ in range(steps):
-        state, m = trainer._train_step(state, trainer._shard(next(batches)))
+        state, m = experiment.trainer.train_step(state, placement.shard(next(batches)))
         out.append(float(np.asarray(m["loss"]).reshape(-1)[0]))
-    return out, trainer._unplace(state)
+    return out, placement.unplace(state)
 
 
 def test_pmap_matches_jit(data_root, tmp_path):
-    # Dropout masks are drawn per device under pmap, so compare without dropout.
-    config = tiny_config(
-        data_root,
-        **{"model.attention_dropout": 0.0, "loss.warmup_epochs": 0, "train.steps_per_epoch": 2},
-    )
+    # With the attention dropout on: its masks are drawn per example, not per device.
+    config = tiny_config(data_root, **{"loss.warmup_epochs": 0, "train.steps_per_epoch": 2})
+    assert config.model.attention_dropout > 0
     jit_losses, jit_state = step_losses(config, tmp_path / "jit", 5)
     config.parallel = "pmap"
     pmap_losses, pmap_state = step_losses(config, tmp_path / "pmap", 5)
@@ -156,27 +148,24 @@ def test_pmap_matches_jit(data_root, tmp_path):
     assert jit_losses[-1] != jit_losses[0]
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):
+def poison_batch(n: int):
+    """Wraps the training iterator so that its n-th batch carries a NaN pixel."""
+
+    def wrap(batches):
+        for i, batch in enumerate(batches, start=1):
+            if i == n:
+                image = batch["image"].copy()
+                image.reshape(-1)[0] = np.nan
+                batch = {**batch, "image": image}
+            yield batch
+
+    return wrap
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path):
     config = tiny_config(data_root, **{"train.checkpoint_every_steps": 1})
-    calls = {"n": 0}
-    original = train.Trainer._shard
-
-    def poisoned(self, batch):  # the 4th batch carries a NaN pixel
-        calls["n"] += 1
-        if calls["n"] == 4:
-            batch = {
-                **batch,
-                "image": np.where(
-                    np.arange(batch["image"].size).reshape(batch["image"].shape) == 0,
-                    np.nan,
-                    batch["image"],
-                ),
-            }
-        return original(self, batch)
-
-    monkeypatch.setattr(train.Trainer, "_shard", poisoned)
     with pytest.raises(FloatingPointError, match="step 4"):
-        cli.run(config, str(tmp_path), "train")
+        cli.run(config, str(tmp_path), "train", wrap_batches=poison_batch(4))
     assert checkpoint.Checkpointer(str(tmp_path), {}).latest_step() == 3
 
 

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-HEAD_MIN = 100  # a class with >= HEAD_MIN training images is "head"
-TAIL_MAX = 20  # a class with < TAIL_MAX training images is "tail"; between is "medium"
+from mlcnc_jax.groups import HEAD_MIN, TAIL_MAX, class_groups  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass
@@ -49,27 +48,6 @@ class Split:
     def class_freq(self) -> np.ndarray:
         """[K] int64: number of images that contain each class."""
         return self.labels.astype(np.int64).sum(axis=0)
-
-
-def class_groups(
-    class_freq: Sequence[int], head_min: int = HEAD_MIN, tail_max: int = TAIL_MAX
-) -> dict[str, list[int]]:
-    """Splits classes into head / medium / tail by their training frequency.
-
-    Args:
-      class_freq: [K] number of training images per class.
-      head_min: classes with at least this many images are head.
-      tail_max: classes with fewer than this many images are tail.
-
-    Returns:
-      {'head': [...], 'medium': [...], 'tail': [...]} of class indices.
-    """
-    freq = np.asarray(class_freq)
-    return {
-        "head": [int(i) for i in np.flatnonzero(freq >= head_min)],
-        "medium": [int(i) for i in np.flatnonzero((freq >= tail_max) & (freq < head_min))],
-        "tail": [int(i) for i in np.flatnonzero(freq < tail_max)],
-    }
 
 
 @dataclasses.dataclass

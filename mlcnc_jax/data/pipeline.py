@@ -22,7 +22,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+from mlcnc_jax.data import sampling
 from mlcnc_jax.data.dataset import Split
+from mlcnc_jax.data.sampling import SAMPLINGS, check_sampling, epoch_size, sample_order  # noqa: F401
 
 # TensorFlow only feeds the accelerators: it must never hold their memory.
 try:
@@ -30,79 +32,10 @@ try:
 except RuntimeError:  # TF already initialised its devices; nothing to undo
     pass
 
-SAMPLINGS = ("class_aware", "uniform")
 # RandomResizedCrop's aspect range of torchvision, which the reference code uses; the
 # smallest crop area is config.data.crop_min_area (torchvision: 0.08).
 CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
 JITTER = 0.4  # brightness, contrast and saturation; hue 0
-_SAMPLER_SALT = 0x5EED
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def _check_sampling(sampling: str) -> None:
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"config.data.sampling must be one of {SAMPLINGS}, got {sampling!r}")
-
-
-def epoch_size(labels: np.ndarray, sampling: str) -> int:
-    """Number of samples in one epoch of the sampler.
-
-    Args:
-      labels: [N, K] multi-hot training labels.
-      sampling: 'class_aware' (max_c n_c * K) or 'uniform' (N).
-
-    Returns:
-      The epoch length in images.
-    """
-    _check_sampling(sampling)
-    labels = np.asarray(labels)
-    if sampling == "uniform":
-        return int(labels.shape[0])
-    return int(labels.astype(np.int64).sum(0).max(initial=0)) * int(labels.shape[1])
-
-
-def sample_order(labels: np.ndarray, sampling: str, epoch: int, seed: int) -> np.ndarray:
-    """Image indices drawn in one epoch, deterministic from (seed, epoch).
-
-    'class_aware' (METHOD.md section 3): the classes are cycled in a shuffled
-    order, reshuffled every cycle; each visit draws the next image of that class
-    from its image list, which is reshuffled whenever it is exhausted. An epoch is
-    max_c(n_c) * K draws, so every class is drawn max_c(n_c) times.
-    'uniform': a random permutation of all N images.
-
-    Args:
-      labels: [N, K] multi-hot training labels.
-      sampling: 'class_aware' or 'uniform'.
-      epoch: epoch number (>= 0).
-      seed: sampling seed.
-
-    Returns:
-      [epoch_size] int64 image indices.
-    """
-    _check_sampling(sampling)
-    labels = np.asarray(labels)
-    rng = np.random.default_rng([seed, epoch, _SAMPLER_SALT])
-    n, k = labels.shape
-    if sampling == "uniform":
-        return rng.permutation(n).astype(np.int64)
-    freq = labels.astype(np.int64).sum(0)
-    if n == 0 or (freq == 0).any():
-        empty = np.flatnonzero(freq == 0).tolist()
-        raise ValueError(
-            f"class-aware sampling needs at least one training image per class; classes {empty} "
-            "have none. Drop those classes or use config.data.sampling='uniform'."
-        )
-    cycles = int(freq.max())
-    # draws[c, i]: the image given to class c on its i-th visit.
-    draws = np.empty((k, cycles), np.int64)
-    for c in range(k):
-        members = np.flatnonzero(labels[:, c])
-        reps = -(-cycles // len(members))
-        draws[c] = np.concatenate([rng.permutation(members) for _ in range(reps)])[:cycles]
-    class_cycles = np.argsort(rng.random((cycles, k)), axis=1)  # a class permutation per cycle
-    return draws[class_cycles, np.arange(cycles)[:, None]].reshape(-1)
 
 
 # ----------------------------------------------------------------------------- image ops
@@ -259,7 +192,7 @@ def eval_image(raw: tf.Tensor, image_size: int, resize_size: int, mean, std) -> 
 
 
 def _check_data_config(config) -> None:
-    _check_sampling(config.data.sampling)
+    check_sampling(config.data.sampling)
     size, resize = int(config.data.image_size), int(config.data.resize_size)
     if size <= 0 or resize < size:
         raise ValueError(
@@ -325,25 +258,22 @@ def train_dataset(
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     labels = np.asarray(split.labels)
-    sampling, seed = config.data.sampling, int(config.seed)
-    size = epoch_size(labels, sampling)
-    sample_order(labels, sampling, 0, seed)  # fail here, not inside tf.data, on bad labels
+    seed = int(config.seed)
+    sample_order(labels, config.data.sampling, 0, seed)  # fail here, not inside tf.data
     images, encoded = _image_sources(split)
     labels_t = tf.constant(labels, tf.float32)
 
     def positions():
-        # Yields (stream position, image index) for this host from start_step on;
-        # skipped positions are never decoded.
-        epoch, order = -1, None
-        step = start_step
-        while True:
-            first = step * global_batch + host * host_batch
-            for p in range(first, first + host_batch):
-                e, i = divmod(p, size)
-                if e != epoch:
-                    epoch, order = e, sample_order(labels, sampling, e, seed)
-                yield p, order[i]
-            step += 1
+        # Skipped positions are never decoded.
+        return sampling.stream(
+            labels,
+            config.data.sampling,
+            seed,
+            global_batch=global_batch,
+            host=host,
+            host_batch=host_batch,
+            start_step=start_step,
+        )
 
     image_size = int(config.data.image_size)
     mean, std = tuple(config.data.mean), tuple(config.data.std)

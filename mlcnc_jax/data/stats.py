@@ -10,18 +10,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from mlcnc_jax.data.dataset import MultiLabelDataset, Split
+from mlcnc_jax.groups import COLOURS as GROUP_COLOURS
+from mlcnc_jax.groups import GROUPS, group_of
 
-GROUP_COLOURS = {"head": "tab:blue", "medium": "tab:orange", "tail": "tab:red"}
 HISTOGRAM_FILE = "class_histogram.png"
-
-
-def group_of(class_split: dict[str, list[int]], num_classes: int) -> list[str]:
-    """Per class, the name of its group ('head', 'medium' or 'tail')."""
-    names = [""] * num_classes
-    for group in ("head", "medium", "tail"):
-        for i in class_split.get(group, []):
-            names[i] = group
-    return names
 
 
 def format_class_table(
@@ -190,7 +182,7 @@ def data_stats(dataset: MultiLabelDataset, workdir: str) -> dict:
     print(f"dataset {dataset.name}: {dataset.num_classes} classes")
     print(f"training images: {len(dataset.train)}   test images: {len(dataset.test)}")
     print(format_class_table(dataset.class_names, freq, split, test_freq))
-    for group in ("head", "medium", "tail"):
+    for group in GROUPS:
         members = split[group]
         print(f"{group} ({len(members)}): {', '.join(dataset.class_names[i] for i in members)}")
     os.makedirs(workdir, exist_ok=True)

@@ -1,16 +1,85 @@
-"""Backbones and the MLC-NC model."""
+"""Backbones (a registry by name) and the MLC-NC model.
+
+A backbone is any linen module called as `module(images, train)` on images
+[B, H, W, 3] that returns tokens [B, N, C]. To add one, register a factory
+`factory(dtype, axis_name) -> module` under a name, then select it with
+`--config.model.backbone=NAME`:
+
+    from mlcnc_jax import models
+
+    models.register_backbone("my_net", lambda dtype, axis_name: MyNet(dtype=dtype))
+
+`dtype` is the compute dtype (config.dtype); `axis_name` is the pmap axis over
+which BatchNorm statistics are averaged (None under jit), for backbones that
+have BatchNorm.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from mlcnc_jax.models import resnet
 from mlcnc_jax.models.mlcnc import ATTENTIONS, CLASSIFIERS, MLCNC, Baseline
-from mlcnc_jax.models.resnet import BACKBONES, ResNet, get_backbone
+from mlcnc_jax.models.resnet import ResNet, get_backbone
 
 MODELS = ("mlcnc", "baseline")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-__all__ = ["MLCNC", "Baseline", "ResNet", "create_model", "get_backbone"]
+BackboneFactory = Callable[[Any, "str | None"], nn.Module]
+_BACKBONES: dict[str, BackboneFactory] = {}
+
+__all__ = [
+    "MLCNC",
+    "Baseline",
+    "ResNet",
+    "backbone_names",
+    "create_model",
+    "get_backbone",
+    "make_backbone",
+    "register_backbone",
+]
+
+
+def register_backbone(name: str, factory: BackboneFactory) -> BackboneFactory:
+    """Registers `factory(dtype, axis_name) -> module` as the backbone `name`.
+
+    Args:
+      name: the value of config.model.backbone that selects it.
+      factory: returns a linen module mapping (images [B, H, W, 3], train) to
+        tokens [B, N, C].
+
+    Returns:
+      The factory, unchanged.
+    """
+    _BACKBONES[name] = factory
+    return factory
+
+
+def backbone_names() -> tuple[str, ...]:
+    """The registered backbone names."""
+    return tuple(_BACKBONES)
+
+
+def make_backbone(name: str, dtype: Any = jnp.float32, axis_name: str | None = None) -> nn.Module:
+    """The registered backbone `name`, built for `dtype` and `axis_name`."""
+    if name not in _BACKBONES:
+        raise ValueError(
+            f"unknown model.backbone {name!r}; valid: {', '.join(_BACKBONES)} "
+            "(models.register_backbone adds one)"
+        )
+    return _BACKBONES[name](dtype, axis_name)
+
+
+def _resnet_factory(name: str, dtype: Any, axis_name: str | None) -> nn.Module:
+    return get_backbone(name, dtype=dtype, axis_name=axis_name)
+
+
+for _name in resnet.BACKBONES:
+    register_backbone(_name, functools.partial(_resnet_factory, _name))
 
 
 def create_model(
@@ -25,8 +94,8 @@ def create_model(
         config: project config (schema in configs/default.py).
         num_classes: K.
         axis_name: device axis for BatchNorm statistics under jax.pmap, or None.
-        backbone: your own module mapping images to tokens [B, N, C], used instead of
-            `config.model.backbone`.
+        backbone: a module mapping (images, train) to tokens [B, N, C], used instead of
+            the registered `config.model.backbone` (see `register_backbone`).
 
     Returns:
         An `MLCNC` or `Baseline` module.
@@ -39,11 +108,9 @@ def create_model(
         raise ValueError(f"unknown dtype {config.dtype!r}; valid: {', '.join(DTYPES)}")
     if m.name not in MODELS:
         raise ValueError(f"unknown model.name {m.name!r}; valid: {', '.join(MODELS)}")
-    if backbone is None and m.backbone not in BACKBONES:
-        raise ValueError(f"unknown model.backbone {m.backbone!r}; valid: {', '.join(BACKBONES)}")
     dtype = DTYPES[config.dtype]
     if backbone is None:
-        backbone = get_backbone(m.backbone, dtype=dtype, axis_name=axis_name)
+        backbone = make_backbone(m.backbone, dtype=dtype, axis_name=axis_name)
     if m.name == "baseline":
         return Baseline(backbone=backbone, num_classes=num_classes, dtype=dtype)
     if m.attention not in ATTENTIONS:

@@ -1,0 +1,293 @@
+"""The composition root: config -> dataset, step plan, model, optimizer, objective,
+iterators, evaluator, checkpointer, hooks -> Trainer.
+
+Everything the command line runs is assembled here and nowhere else; the parts
+(trainer.py, step.py, objective.py, evaluation.py, ...) receive what they use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from flax import linen as nn
+
+from mlcnc_jax import checkpoint, console, objective, optim, parallel, prototypes, storage
+from mlcnc_jax.evaluation import Evaluator
+from mlcnc_jax.models import create_model, pretrained
+from mlcnc_jax.state import Schedule, TrainState, create_train_state, init_variables, make_schedule
+from mlcnc_jax.trainer import Hook, Trainer
+
+
+def check_pretrained_path(config: ml_collections.ConfigDict) -> None:
+    """Fails at once, saying where the weights go, when config.model.pretrained is missing."""
+    path = config.model.pretrained
+    if path and not os.path.exists(os.path.expanduser(path)):
+        raise FileNotFoundError(
+            f"Pretrained backbone weights not found: {path}. config.model.pretrained names either "
+            f"torchvision's ImageNet weights for {config.model.backbone} (.safetensors, or .pth with "
+            "torch installed; see README, 'Real benchmarks') or the workdir of a "
+            "configs/pretrain.py run (built-in data). Put them there, pass "
+            "--config.model.pretrained=PATH, or train from scratch with --config.model.pretrained=''."
+        )
+
+
+def load_pretrained(variables: dict, path: str) -> dict:
+    """Replaces the backbone weights: torchvision file, or a workdir of this project.
+
+    A workdir's latest checkpoint gives its backbone (e.g. a CPU backbone
+    pre-trained on other classes); a .safetensors / .pth file gives torchvision
+    ImageNet weights.
+    """
+    path = os.path.expanduser(path)
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        return pretrained.load_pretrained_backbone(path, variables)
+    source_ckpt = checkpoint.Checkpointer(os.path.abspath(path), {})
+    if source_ckpt.latest_step() is None:
+        raise FileNotFoundError(
+            f"config.model.pretrained={path} has no checkpoint under {path}/checkpoints."
+        )
+    saved = source_ckpt.restore_variables(check=False)
+    variables = dict(variables)
+    for collection in ("params", "batch_stats"):
+        target = variables[collection]["backbone"]
+        source = saved[collection]["backbone"]
+        if jax.tree.structure(target) != jax.tree.structure(source) or any(
+            a.shape != b.shape for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(source))
+        ):
+            raise ValueError(
+                f"The backbone in {path} does not match config.model.backbone="
+                "(different architecture or width): pre-train with the same backbone."
+            )
+        variables[collection] = {
+            **variables[collection],
+            "backbone": jax.tree.map(jnp.asarray, source),
+        }
+    return variables
+
+
+def initial_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    num_classes: int,
+    example_input: jax.Array | None = None,
+) -> TrainState:
+    """The fresh state of a run: initialised weights (pre-trained backbone when configured).
+
+    Args:
+      config: the experiment config (seed, image size, pretrained, model name, proj_dim).
+      model: the model.
+      tx: the optimizer.
+      num_classes: K.
+      example_input: one input the model takes (default: a [1, S, S, 3] zero image).
+    """
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    if example_input is None:
+        size = config.data.image_size
+        example_input = jnp.zeros((1, size, size, 3), jnp.float32)
+    variables = init_variables(model, example_input, init_rng)
+    if config.model.pretrained:
+        variables = load_pretrained(variables, config.model.pretrained)
+    protos = None
+    if config.model.name == "mlcnc":
+        protos = prototypes.init_prototypes(num_classes, config.model.proj_dim)
+    return create_train_state(variables, tx, rng=state_rng, prototypes=protos)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """A run assembled from its config: every part, and how to train or evaluate it.
+
+    Attributes:
+      config: the experiment config.
+      workdir: where checkpoints and reports go.
+      dataset: the `MultiLabelDataset`.
+      plan: the step plan.
+      model, tx, lr_schedule, loss_fn: what the train step uses.
+      checkpointer: the run's `checkpoint.Checkpointer`.
+      placement: jit or pmap.
+      evaluator: scores the test split.
+      trainer: the `Trainer`.
+    """
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    dataset: Any
+    plan: Schedule
+    model: nn.Module
+    tx: optax.GradientTransformation
+    lr_schedule: Callable
+    loss_fn: objective.Objective
+    checkpointer: checkpoint.Checkpointer
+    placement: parallel.Placement
+    evaluator: Evaluator
+    trainer: Trainer
+
+    def initial_state(self) -> TrainState:
+        """The freshly initialised state, or the latest checkpoint's when there is one."""
+        state = initial_train_state(self.config, self.model, self.tx, self.dataset.num_classes)
+        if self.checkpointer.latest_step() is not None:
+            state = self.checkpointer.restore(state)
+            logging.info(
+                "Resumed from %s at step %d.", self.checkpointer.directory, int(state.step)
+            )
+        return state
+
+    def train_batches(self, start_step: int = 0) -> Iterator[dict]:
+        """This host's batches of the tf.data pipeline from global step `start_step` on."""
+        from mlcnc_jax.data import pipeline
+
+        return pipeline.train_batches(
+            self.dataset.train,
+            self.config,
+            global_batch=self.config.train.batch_size,
+            start_step=start_step,
+        )
+
+    def train(self, wrap_batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None) -> dict:
+        """Trains (or resumes) to the end of the plan; returns the last evaluation.
+
+        Args:
+          wrap_batches: optionally wraps the training iterator (e.g. to record or
+            alter what the step receives).
+        """
+        state = self.initial_state()
+        batches = self.train_batches(int(state.step))
+        if wrap_batches is not None:
+            batches = wrap_batches(batches)
+        try:
+            return self.trainer.train(state, batches)
+        finally:
+            # Close the tf.data iterator now: finalised at interpreter exit, its
+            # generator warns that Python is already gone.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+            del batches
+            gc.collect()
+
+    def evaluate(self) -> dict:
+        """Scores the latest checkpoint (and writes its reports)."""
+        if self.checkpointer.latest_step() is None:
+            raise FileNotFoundError(
+                f"No checkpoint in {self.checkpointer.directory}: train first (--mode=train)."
+            )
+        return self.trainer.run_eval(self.initial_state())
+
+
+def build(
+    config: ml_collections.ConfigDict, workdir: str, *, hooks: Sequence[Hook] = ()
+) -> Experiment:
+    """Assembles the run of `config` in `workdir`.
+
+    Args:
+      config: the experiment config.
+      workdir: the run's directory.
+      hooks: more trainer hooks, after the console and the reports.
+
+    Returns:
+      The `Experiment`.
+    """
+    from mlcnc_jax import reports
+    from mlcnc_jax.data import pipeline, sources
+
+    workdir = storage.resolve(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        storage.makedirs(workdir)
+    parallel.check_batch_size(config.train.batch_size)
+    parallel.check_batch_size(config.eval.batch_size)
+    placement = parallel.Placement(config.parallel)
+
+    check_pretrained_path(config)  # before the (possibly slow) dataset checks
+    dataset = sources.load_dataset(config)
+    plan = make_schedule(config, dataset.train.labels)
+    model = create_model(config, dataset.num_classes, axis_name=placement.axis_name)
+    eval_model = create_model(config, dataset.num_classes) if placement.axis_name else model
+    tx, lr_schedule = optim.create_optimizer(config, plan.total_steps)
+    loss_fn = objective.make_objective(
+        config.loss,
+        objective.ClassStats(dataset.class_freq, len(dataset.train)),
+        warmup_steps=plan.warmup_steps,
+    )
+    checkpointer = checkpoint.Checkpointer(
+        workdir,
+        checkpoint.model_fingerprint(config, dataset.class_names),
+        keep=config.train.keep_checkpoints,
+        keep_best=config.train.keep_best,
+    )
+    evaluator = Evaluator(
+        eval_model,
+        lambda: pipeline.eval_batches(dataset.test, config, global_batch=config.eval.batch_size),
+        num_images=len(dataset.test),
+        class_split=dataset.class_split,
+        mesh=placement.mesh,
+        progress=is_main,
+    )
+    run_hooks: list[Hook] = []
+    if is_main:
+        run_hooks.append(
+            console.Console(
+                plan,
+                config.train.batch_size,
+                describe=f"{config.model.name} ({config.model.backbone}, {config.dtype}) on "
+                f"{dataset.name}: {dataset.num_classes} classes, {len(dataset.train)} training / "
+                f"{len(dataset.test)} test images",
+                table_path=storage.join(workdir, reports.PARAMETER_TABLE),
+            )
+        )
+        run_hooks.append(reports.RunReports(workdir, config, dataset, config.train.log_every_steps))
+    run_hooks.extend(hooks)
+    trainer = Trainer(
+        model=model,
+        tx=tx,
+        loss_fn=loss_fn,
+        lr_schedule=lr_schedule,
+        plan=plan,
+        evaluate=evaluator,
+        placement=placement,
+        ema_decay=config.train.ema_decay,
+        checkpointer=checkpointer,
+        hooks=run_hooks,
+        eval_every_steps=config.train.eval_every_epochs * plan.steps_per_epoch,
+        checkpoint_every_steps=config.train.checkpoint_every_steps,
+    )
+    return Experiment(
+        config=config,
+        workdir=workdir,
+        dataset=dataset,
+        plan=plan,
+        model=model,
+        tx=tx,
+        lr_schedule=lr_schedule,
+        loss_fn=loss_fn,
+        checkpointer=checkpointer,
+        placement=placement,
+        evaluator=evaluator,
+        trainer=trainer,
+    )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    hooks: Sequence[Hook] = (),
+    wrap_batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
+) -> dict:
+    """Trains (or resumes) the configured model and returns the final evaluation."""
+    return build(config, workdir, hooks=hooks).train(wrap_batches)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Scores the latest checkpoint of `workdir` on the test split."""
+    return build(config, workdir).evaluate()

@@ -1,0 +1,124 @@
+"""Which training image comes at which position of an epoch: numpy only, no TensorFlow.
+
+The tf.data pipeline (`pipeline.py`) and the numpy iterators (`arrays.py`) both
+draw their epochs from `sample_order`, so a run fed either way sees the same
+images in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+SAMPLINGS = ("class_aware", "uniform")
+_SAMPLER_SALT = 0x5EED
+
+
+def check_sampling(sampling: str) -> None:
+    """Raises, naming the valid values, for an unknown config.data.sampling."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"config.data.sampling must be one of {SAMPLINGS}, got {sampling!r}")
+
+
+def epoch_size(labels: np.ndarray, sampling: str) -> int:
+    """Number of samples in one epoch of the sampler.
+
+    Args:
+      labels: [N, K] multi-hot training labels.
+      sampling: 'class_aware' (max_c n_c * K) or 'uniform' (N).
+
+    Returns:
+      The epoch length in images.
+    """
+    check_sampling(sampling)
+    labels = np.asarray(labels)
+    if sampling == "uniform":
+        return int(labels.shape[0])
+    return int(labels.astype(np.int64).sum(0).max(initial=0)) * int(labels.shape[1])
+
+
+def sample_order(labels: np.ndarray, sampling: str, epoch: int, seed: int) -> np.ndarray:
+    """Image indices drawn in one epoch, deterministic from (seed, epoch).
+
+    'class_aware' (METHOD.md section 3): the classes are cycled in a shuffled
+    order, reshuffled every cycle; each visit draws the next image of that class
+    from its image list, which is reshuffled whenever it is exhausted. An epoch is
+    max_c(n_c) * K draws, so every class is drawn max_c(n_c) times.
+    'uniform': a random permutation of all N images.
+
+    Args:
+      labels: [N, K] multi-hot training labels.
+      sampling: 'class_aware' or 'uniform'.
+      epoch: epoch number (>= 0).
+      seed: sampling seed.
+
+    Returns:
+      [epoch_size] int64 image indices.
+    """
+    check_sampling(sampling)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, epoch, _SAMPLER_SALT])
+    n, k = labels.shape
+    if sampling == "uniform":
+        return rng.permutation(n).astype(np.int64)
+    freq = labels.astype(np.int64).sum(0)
+    if n == 0 or (freq == 0).any():
+        empty = np.flatnonzero(freq == 0).tolist()
+        raise ValueError(
+            f"class-aware sampling needs at least one training image per class; classes {empty} "
+            "have none. Drop those classes or use config.data.sampling='uniform'."
+        )
+    cycles = int(freq.max())
+    # draws[c, i]: the image given to class c on its i-th visit.
+    draws = np.empty((k, cycles), np.int64)
+    for c in range(k):
+        members = np.flatnonzero(labels[:, c])
+        reps = -(-cycles // len(members))
+        draws[c] = np.concatenate([rng.permutation(members) for _ in range(reps)])[:cycles]
+    class_cycles = np.argsort(rng.random((cycles, k)), axis=1)  # a class permutation per cycle
+    return draws[class_cycles, np.arange(cycles)[:, None]].reshape(-1)
+
+
+def stream(
+    labels: np.ndarray,
+    sampling: str,
+    seed: int,
+    *,
+    global_batch: int,
+    host: int = 0,
+    host_batch: int | None = None,
+    start_step: int = 0,
+) -> Iterator[tuple[int, int]]:
+    """(stream position, image index) of this host's training samples, from `start_step` on.
+
+    Position p of the stream is image `sample_order(labels, sampling, p // E, seed)[p % E]`
+    (E the epoch size). Global step s covers positions [s*G, (s+1)*G); host h takes
+    the h-th contiguous slice of `host_batch` of them. Every input pipeline draws its
+    samples from here, so all of them see the same images in the same order.
+
+    Args:
+      labels: [N, K] multi-hot training labels.
+      sampling: 'class_aware' or 'uniform'.
+      seed: sampling seed.
+      global_batch: G, batch size over all hosts.
+      host: this host's index.
+      host_batch: rows per host (default: G, one host).
+      start_step: first global step (resumption); earlier positions are skipped.
+
+    Yields:
+      (position, image index), host_batch of them per global step, forever.
+    """
+    labels = np.asarray(labels)
+    host_batch = global_batch if host_batch is None else host_batch
+    size = epoch_size(labels, sampling)
+    epoch, order = -1, None
+    step = start_step
+    while True:
+        first = step * global_batch + host * host_batch
+        for p in range(first, first + host_batch):
+            e, i = divmod(p, size)
+            if e != epoch:
+                epoch, order = e, sample_order(labels, sampling, e, seed)
+            yield p, int(order[i])
+        step += 1

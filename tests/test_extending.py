@@ -1,0 +1,76 @@
+"""Adding a loss and a backbone takes only the steps the README gives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from configs import default
+from mlcnc_jax import build, models, objective, optim, step
+
+
+@pytest.fixture
+def registered():
+    """Registers a trivial loss and backbone the documented way; removes them afterwards."""
+
+    # Step 1 for a loss: one function, registered under a name.
+    @objective.register_loss("mean_logit")
+    def mean_logit(inputs: objective.LossInputs):
+        return jnp.mean(inputs.outputs["logits"] ** 2)
+
+    # Step 1 for a backbone: a factory(dtype, axis_name) -> module(images, train) -> tokens.
+    class Patches(nn.Module):
+        dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, images, train: bool):
+            x = nn.Conv(16, (2, 2), strides=(2, 2), dtype=self.dtype)(images)
+            return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    models.register_backbone("patches", lambda dtype, axis_name: Patches(dtype=dtype))
+    yield
+    objective.TERMS.pop("mean_logit")
+    models._BACKBONES.pop("patches")
+
+
+def test_a_new_loss_and_backbone_train_through_the_config(registered):
+    c = default.get_config()
+    # Step 2 for a loss: its weight, declared in configs/default.py (here: in the test).
+    with c.unlocked():
+        c.loss.mean_logit = 0.0
+    c.loss.mean_logit = 0.5
+    c.model.backbone = "patches"
+    c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 8, 4, 2
+    c.data.image_size = 8
+    k = 3
+    model = models.create_model(c, k)
+    tx, lr = optim.create_optimizer(c, total_steps=10)
+    state = build.initial_train_state(c, model, tx, k)
+    loss_fn = objective.make_objective(c.loss, objective.ClassStats(np.ones(k), 4))
+    train_step = step.compile_train_step(model, tx, loss_fn, lr, steps_per_epoch=5, ema_decay=0.9)
+    r = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(r.standard_normal((4, 8, 8, 3)), jnp.float32),
+        "labels": jnp.asarray(np.eye(k, dtype=np.float32)[[0, 1, 2, 0]]),
+    }
+    state, metrics = train_step(state, batch)
+    assert "Conv_0" in state.params["backbone"]
+    assert float(metrics["loss_mean_logit"]) > 0
+    others = float(metrics["loss_two_way"]) + 0.5 * float(metrics["loss_fla"])
+    expected = others + 0.5 * float(metrics["loss_mean_logit"]) + 0.2 * float(metrics["loss_fpc"])
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    assert jax.tree.leaves(state.params)
+
+
+def test_a_loss_without_a_config_weight_is_refused_naming_the_fix(registered):
+    c = default.get_config()
+    with pytest.raises(ValueError, match=r"c\.loss\.mean_logit = 0\.0.*configs/default\.py"):
+        objective.make_objective(c.loss, objective.ClassStats(np.ones(3), 4))
+
+
+def test_an_unknown_backbone_names_the_registered_ones():
+    c = default.get_config()
+    c.model.backbone = "resnet51"
+    with pytest.raises(ValueError, match="resnet50.*register_backbone"):
+        models.create_model(c, 3)

@@ -1,0 +1,52 @@
+"""Prediction from a checkpoint's weights alone, at the default threshold 0.5."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+from PIL import Image
+
+from configs import default
+from mlcnc_jax import build, checkpoint, optim, predict
+from mlcnc_jax.data import pipeline
+from mlcnc_jax.models import create_model
+
+NAMES = ["cat", "dog", "car", "tree", "boat"]
+
+
+def test_predict_lists_the_classes_at_or_above_the_threshold(tmp_path):
+    c = default.get_config()
+    c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 16, 4, 2
+    c.model.logit_scale_init = 16.0  # scores spread on both sides of 0.5
+    model = create_model(c, len(NAMES))
+    tx, _ = optim.create_optimizer(c, total_steps=10)
+    state = build.initial_train_state(c, model, tx, len(NAMES))
+    workdir = str(tmp_path / "run")
+    checkpoint.Checkpointer(workdir, checkpoint.model_fingerprint(c, NAMES)).save(7, state)
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+            images / f"img{i}.png"
+        )
+    c.predict.inputs = str(images)
+    assert c.predict.threshold == 0.5
+    out = json.loads(pathlib.Path(predict.predict(c, workdir)).read_text())
+    assert out["step"] == 7 and out["threshold"] == 0.5
+
+    below = above = 0
+    for entry in out["predictions"]:
+        # The scores are the model's on the saved weights...
+        x = pipeline.preprocess_for_eval(pathlib.Path(entry["image"]).read_bytes(), c)
+        logits = model.apply(state.variables(), x[None], train=False)["logits"][0]
+        want = np.asarray(jax.nn.sigmoid(logits))
+        np.testing.assert_allclose([entry["scores"][n] for n in NAMES], want, atol=1e-5)
+        # ...and the listed classes are exactly those at or above 0.5, best first.
+        chosen = sorted((n for n in NAMES if entry["scores"][n] >= 0.5), key=entry["scores"].get)
+        assert [x["name"] for x in entry["classes"]] == chosen[::-1]
+        above += len(chosen)
+        below += len(NAMES) - len(chosen)
+    assert above and below  # both sides of the threshold occur

@@ -1,0 +1,76 @@
+"""The training path runs where TensorFlow is missing: the real Trainer on numpy batches."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BLOCK_TENSORFLOW = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+
+    class NoTensorFlow(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+
+    sys.meta_path.insert(0, NoTensorFlow())
+    """
+)
+
+
+def run_blocked(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_TENSORFLOW + textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_the_gpu_check_trains_through_the_trainer_with_tensorflow_blocked():
+    proc = run_blocked(
+        """
+        import json
+        import numpy as np
+        import benchmarks.gpu_train_check as check
+        import mlcnc_jax.build, mlcnc_jax.trainer, mlcnc_jax.step, mlcnc_jax.predict  # noqa
+
+        data = check.random_data(16, num_classes=4, n=16)
+        r = check.run_check(
+            data, backbone="resnet_small", image_size=16, batch_size=8, dtype="float32",
+            steps=3, warmup_steps=1, learning_rate=1e-3, logit_scale_init=1.0,
+            eval_batch_size=8, min_gain=0.0,
+        )
+        assert "tensorflow" not in sys.modules
+        assert np.isfinite(r["loss_last"]) and r["step_median_s"] > 0
+        print("RESULT", json.dumps({"num_test": r["num_test"], "map": r["test_map"]["total"]}))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    assert '"num_test": 16' in line
+
+
+def test_prediction_imports_no_training_module():
+    proc = run_blocked(
+        """
+        import mlcnc_jax.predict
+        training = sorted(
+            m for m in sys.modules
+            if m in ("mlcnc_jax.trainer", "mlcnc_jax.step", "mlcnc_jax.optim",
+                     "mlcnc_jax.objective", "mlcnc_jax.build", "mlcnc_jax.state")
+        )
+        assert not training, training
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
