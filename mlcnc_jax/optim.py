@@ -70,17 +70,28 @@ def one_cycle_schedule(
     mid_step = float(pct_start * total_steps) - 1.0
     last_step = float(total_steps) - 1.0
 
-    def anneal(a, b, frac):
-        frac = jnp.clip(frac, 0.0, 1.0)
-        return b + (a - b) / 2.0 * (jnp.cos(math.pi * frac) + 1.0)
+    def anneal(a, b, done, remaining):
+        # torch's b + (a - b) / 2 * (1 + cos(pi * f)), f the fraction done, written as
+        # a sin^2(pi r / 2) + b sin^2(pi f / 2) with r = 1 - f computed on its own: two
+        # positive terms, each accurate when small, so float32 keeps ~1e-7 relative
+        # precision at both ends of a phase (the cosine form cancels there).
+        done, remaining = jnp.clip(done, 0.0, 1.0), jnp.clip(remaining, 0.0, 1.0)
+        half_pi = 0.5 * math.pi
+        return a * jnp.square(jnp.sin(half_pi * remaining)) + b * jnp.square(
+            jnp.sin(half_pi * done)
+        )
 
     def schedule(step):
         s = jnp.asarray(step, jnp.float32)
         # torch divides by the phase length; a phase of length <= 0 (T < 1 / pct_start)
         # is taken as already done instead of dividing by zero.
-        rise = s / mid_step if mid_step > 0 else jnp.ones_like(s)
-        fall = (s - mid_step) / (last_step - mid_step) if last_step > mid_step else jnp.ones_like(s)
-        return jnp.where(s <= mid_step, anneal(start, middle, rise), anneal(middle, end, fall))
+        if mid_step > 0:
+            rise = anneal(start, middle, s / mid_step, (mid_step - s) / mid_step)
+        else:
+            rise = jnp.full_like(s, middle)
+        span = last_step - mid_step
+        fall = anneal(middle, end, (s - mid_step) / span, (last_step - s) / span)
+        return jnp.where(s <= mid_step, rise, fall)
 
     return schedule
 
