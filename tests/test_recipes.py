@@ -385,6 +385,19 @@ def test_plan_on_fake_trees(tmp_path, capsys, dataset, recipe):
     assert last["accelerator_hours"] == pytest.approx(expected)
 
 
+def test_plan_of_the_official_splits(lt_splits_dir):
+    for name, steps, test_images in (("voc_lt", 243, 4952), ("coco_lt", 1410, 4952)):
+        split = json.loads((lt_splits_dir / f"{name}.json").read_text())
+        labels = np.zeros((len(split["train_labels"]), split["num_classes"]), np.uint8)
+        for row, classes in enumerate(split["train_labels"]):
+            labels[row, classes] = 1
+        config = (voc_lt if name == "voc_lt" else coco_lt).get_config()
+        p = plan.make_plan(config, labels, test_images)
+        assert p["steps_per_epoch"] == steps and p["total_steps"] == 100 * steps
+        assert p["warmup_steps"] == 5 * steps and p["images_seen"] == 100 * steps * 64
+        assert p["evaluations"] == 20  # every 5 epochs
+
+
 def test_plan_reports_fields_changed_from_the_recipe(tmp_path, capsys):
     root, _ = _tree(tmp_path, "coco_lt")
     config = coco_lt.get_config()
