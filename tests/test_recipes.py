@@ -25,9 +25,9 @@ torch = pytest.importorskip("torch")
 # ------------------------------------------------------------------ schedules and Adam
 
 
-def _recipe_train_config(total_lr=1e-4, multiplier=1.0):
+def _recipe_train_config(lr=1e-4, multiplier=1.0):
     c = voc_lt.get_config()
-    c.train.learning_rate = total_lr
+    c.train.learning_rate = lr
     c.train.logit_scale_lr_multiplier = multiplier
     return c
 
@@ -94,7 +94,7 @@ def test_create_optimizer_matches_torch_adam_and_one_cycle():
     one-cycle lr and beta1, the logit-scale step multiplier; one torch param group each."""
     rng = np.random.default_rng(1)
     total = 20
-    config = _recipe_train_config(total_lr=1e-2, multiplier=100.0)
+    config = _recipe_train_config(lr=1e-2, multiplier=100.0)
     config.train.weight_decay = 0.05  # large, so that a wrong mask shows
     init = {
         "kernel": rng.normal(size=(4, 3)),
