@@ -139,5 +139,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.predict.inputs = ""  # image files or a folder, comma separated
     c.predict.attention_maps = False
 
+    # The training-recipe switches (configs/recipes.py sets them: 'reference' is the authors'
+    # code, 'paper' the paper's text; choose one with --config=configs/voc_lt.py:paper).
+    c.recipe = "none"  # the recipe a config file applied: 'none' | 'reference' | 'paper'
+    # 'flax' (flax defaults; per-class Xavier of W_c) | 'torch' (torch's defaults, as the reference
+    # code: default Linear token embedding, MultiheadAttention init, Xavier over W [K, D, p]).
+    c.model.param_init = "flax"
+    c.train.adam_beta1 = 0.9  # Adam's beta1 when it does not cycle
+    # torch OneCycleLR's cycle_momentum: beta1 from beta1_range[1] down to beta1_range[0] while
+    # the lr rises, back while it falls (one_cycle schedule only).
+    c.train.cycle_beta1 = False
+    c.train.beta1_range = (0.85, 0.95)
+    c.train.decay_2d_bias = False  # L2 also on the 2-D per-class projection bias (reference code)
+    # Step size of the logit scale gamma relative to the lr: Adam moves gamma ~lr per step.
+    c.train.logit_scale_lr_multiplier = 1.0
+    # --mode=plan: throughput assumed for the GPU-hours estimate (images/s on one accelerator).
+    c.plan = ml_collections.ConfigDict()
+    c.plan.train_images_per_second = 1000.0
+    c.plan.eval_images_per_second = 3000.0
+
     c.lock()
     return c

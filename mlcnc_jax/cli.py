@@ -24,7 +24,7 @@ from absl import app, flags, logging
 
 from mlcnc_jax import storage
 
-MODES = ["train", "eval", "predict", "data_stats"]
+MODES = ["train", "eval", "predict", "data_stats", "plan"]
 FLAGS = flags.FLAGS
 
 
@@ -113,7 +113,9 @@ def define_flags() -> None:
         lock_config=True,
     )
     flags.DEFINE_string("workdir", "workdir", "Where checkpoints, summaries and reports go.")
-    flags.DEFINE_enum("mode", "train", MODES, "train | eval | predict | data_stats")
+    flags.DEFINE_enum(
+        "mode", "train", MODES, "train | eval | predict | data_stats | plan (the run's budget)"
+    )
     flags.DEFINE_bool(
         "multihost",
         False,
@@ -219,8 +221,8 @@ def run(
       wrap_batches: wraps the training iterator (train mode; see `build.Experiment.train`).
 
     Returns:
-      The evaluation results (train, eval), the predictions path (predict) or
-      the split statistics (data_stats).
+      The evaluation results (train, eval), the predictions path (predict),
+      the split statistics (data_stats) or the run's budget (plan).
     """
     from mlcnc_jax import parallel
 
@@ -239,6 +241,10 @@ def run(
             return {}
         os.makedirs(workdir, exist_ok=True)
         return stats.data_stats(sources.load_dataset(config), workdir)
+    if mode == "plan":
+        from mlcnc_jax import plan
+
+        return plan.plan(config) if jax.process_index() == 0 else {}
     if mode == "predict":
         from mlcnc_jax import predict
 

@@ -5,8 +5,13 @@ positive (image b, class k) pairs seen in training. Two variants (METHOD.md §2)
 
 - ``'previous_epoch'`` (paper, default): the mean over the last finished epoch in
   which the class was seen; a class absent from an epoch keeps its older prototype.
-- ``'cumulative'`` (reference code): the mean over everything accumulated since the
-  start of training, up to and including the current batch.
+- ``'cumulative'`` (reference code, METHOD.md §6): the mean over every positive pair
+  accumulated since step 0 (warm-up included, never reset), taken at the last end
+  of epoch. It does not include the current epoch's batches.
+
+Both kinds are fixed during an epoch: the train step reads them with `current`
+(before this batch is added), adds the batch with `accumulate`, and at each end
+of epoch `end_epoch` turns the sums into the prototypes of the next epoch.
 
 The state is a pytree, so it can live inside the training state, be checkpointed,
 and be updated inside a jitted or pmapped train step. Counts are int32 (exact;
@@ -36,8 +41,11 @@ class PrototypeState:
       epoch_count: [K] int32 number of those pairs in this epoch.
       total_sum: [K, p] the same since the start of training.
       total_count: [K] int32 the same since the start of training.
-      prototypes: [K, p] prototypes fixed at the last end of epoch.
+      prototypes: [K, p] previous-epoch prototypes, fixed at the last end of epoch.
       valid: [K] bool, True for classes that have a prototype in ``prototypes``.
+      cumulative: [K, p] cumulative prototypes (total_sum / total_count), fixed at
+        the last end of epoch.
+      cumulative_valid: [K] bool, True for classes with a row in ``cumulative``.
     """
 
     epoch_sum: Array
@@ -46,6 +54,8 @@ class PrototypeState:
     total_count: Array
     prototypes: Array
     valid: Array
+    cumulative: Array
+    cumulative_valid: Array
 
 
 def init_prototypes(num_classes: int, dim: int) -> PrototypeState:
@@ -71,6 +81,8 @@ def init_prototypes(num_classes: int, dim: int) -> PrototypeState:
         total_count=zeros_k,
         prototypes=zeros_kp,
         valid=jnp.zeros((num_classes,), bool),
+        cumulative=zeros_kp,
+        cumulative_valid=jnp.zeros((num_classes,), bool),
     )
 
 
@@ -130,8 +142,9 @@ def _mean(total: Array, count: Array) -> Array:
 def end_epoch(state: PrototypeState) -> PrototypeState:
     """Closes an epoch: fixes the prototypes used by the next one.
 
-    Classes seen this epoch get this epoch's mean; the others keep their previous
-    prototype (and validity). The epoch statistics are reset.
+    Previous-epoch prototypes: classes seen this epoch get this epoch's mean; the
+    others keep their previous prototype (and validity). Cumulative prototypes:
+    the mean of everything since step 0. The epoch statistics are reset.
 
     Args:
       state: current state.
@@ -145,6 +158,8 @@ def end_epoch(state: PrototypeState) -> PrototypeState:
             seen[:, None], _mean(state.epoch_sum, state.epoch_count), state.prototypes
         ),
         valid=state.valid | seen,
+        cumulative=_mean(state.total_sum, state.total_count),
+        cumulative_valid=state.total_count > 0,
         epoch_sum=jnp.zeros_like(state.epoch_sum),
         epoch_count=jnp.zeros_like(state.epoch_count),
     )
@@ -155,8 +170,8 @@ def current(state: PrototypeState, mode: str) -> tuple[Array, Array]:
 
     Args:
       state: current state.
-      mode: 'previous_epoch' (the prototypes fixed at the last end of epoch) or
-        'cumulative' (the mean of everything accumulated so far).
+      mode: 'previous_epoch' (the mean over the last epoch that saw the class) or
+        'cumulative' (the mean since step 0); both as fixed at the last end of epoch.
 
     Returns:
       (prototypes [K, p] float32, valid [K] bool). Rows of invalid classes are 0.
@@ -164,5 +179,5 @@ def current(state: PrototypeState, mode: str) -> tuple[Array, Array]:
     if mode == "previous_epoch":
         return state.prototypes, state.valid
     if mode == "cumulative":
-        return _mean(state.total_sum, state.total_count), state.total_count > 0
+        return state.cumulative, state.cumulative_valid
     raise ValueError(f"Unknown prototype mode {mode!r}: use one of {MODES}.")

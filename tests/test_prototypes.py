@@ -18,6 +18,8 @@ class RefPrototypes:
         self.all = [[] for _ in range(K)]
         self.protos = np.zeros((K, P))
         self.valid = np.zeros(K, bool)
+        self.cumulative_protos = np.zeros((K, P))
+        self.cumulative_valid = np.zeros(K, bool)
 
     def add(self, z, y, mask):
         for b in range(z.shape[0]):
@@ -35,10 +37,13 @@ class RefPrototypes:
                 self.protos[c] = np.mean(self.epoch[c], axis=0)
                 self.valid[c] = True
             self.epoch[c] = []
+        self.cumulative_protos = np.array(
+            [np.mean(v, axis=0) if v else np.zeros(P) for v in self.all]
+        )
+        self.cumulative_valid = np.array([bool(v) for v in self.all])
 
     def cumulative(self):
-        m = np.array([np.mean(v, axis=0) if v else np.zeros(P) for v in self.all])
-        return m, np.array([bool(v) for v in self.all])
+        return self.cumulative_protos, self.cumulative_valid
 
 
 def _batch(rng, absent=()):
@@ -68,7 +73,7 @@ def test_two_epochs_against_reference():
             z, y, mask = _batch(rng, absent)
             state = acc(state, z, y, jnp.asarray(mask))
             ref.add(z.astype(np.float64), y, mask)
-            # Within an epoch, 'previous_epoch' does not move; 'cumulative' does.
+            # Within an epoch neither kind moves: both are fixed at the end of an epoch.
             pm, pv = cur(state, "previous_epoch")
             np.testing.assert_allclose(np.asarray(pm), ref.protos, atol=1e-6)
             np.testing.assert_array_equal(np.asarray(pv), ref.valid)
@@ -81,6 +86,9 @@ def test_two_epochs_against_reference():
         pm, pv = cur(state, "previous_epoch")
         np.testing.assert_allclose(np.asarray(pm), ref.protos, atol=1e-6)
         np.testing.assert_array_equal(np.asarray(pv), ref.valid)
+        cm, cv = cur(state, "cumulative")
+        np.testing.assert_allclose(np.asarray(cm), ref.cumulative()[0], atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(cv), ref.cumulative()[1])
         assert np.all(np.asarray(state.epoch_count) == 0)
         assert np.all(np.asarray(state.epoch_sum) == 0)
         if epoch == 1:
@@ -106,7 +114,7 @@ def test_mask_and_gradient_isolation():
 
     # Nothing differentiates through the statistics.
     def f(a):
-        s = proto.accumulate(proto.init_prototypes(K, P), a, y)
+        s = proto.end_epoch(proto.accumulate(proto.init_prototypes(K, P), a, y))
         return jnp.sum(proto.current(s, "cumulative")[0])
 
     assert np.all(np.asarray(jax.grad(f)(z)) == 0)
@@ -150,5 +158,5 @@ def test_bad_input():
 def test_state_is_a_pytree():
     state = proto.init_prototypes(K, P)
     leaves = jax.tree_util.tree_leaves(state)
-    assert len(leaves) == 6
+    assert len(leaves) == 8
     assert state.valid.dtype == jnp.bool_ and state.prototypes.dtype == jnp.float32

@@ -181,6 +181,15 @@ def test_weight_decay_reaches_exactly_the_weight_matrices_and_kernels():
     assert decayed == {"['embed']['kernel']", "['conv']['kernel']", "['projection']['kernel']"}
     # With only the decay as gradient, each decayed weight moves against itself.
     assert float(optax.global_norm(updates)) > 0
+    # The reference recipe also decays the 2-D per-class bias (its name lacks '.bias' in torch).
+    c.train.decay_2d_bias = True
+    tx, _ = optim.create_optimizer(c, total_steps=10)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    assert {
+        jax.tree_util.keystr(path)
+        for path, u in jax.tree_util.tree_leaves_with_path(updates)
+        if np.any(np.asarray(u) != 0)
+    } == decayed | {"['projection']['bias']"}
 
 
 def test_dropout_masks_do_not_depend_on_how_the_batch_is_split():

@@ -131,5 +131,6 @@ def create_model(
         alpha=m.alpha,
         logit_scale_init=m.logit_scale_init,
         etf_seed=m.etf_seed,
+        param_init=m.param_init,
         dtype=dtype,
     )

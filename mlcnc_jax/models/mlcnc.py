@@ -17,6 +17,7 @@ from mlcnc_jax.etf import simplex_etf
 
 ATTENTIONS = ("mha", "cosine")
 CLASSIFIERS = ("etf", "etf_trainable", "linear")
+PARAM_INITS = ("flax", "torch")
 
 # Temperature of the parameter-free cosine attention: softmax(cos / T) over tokens.
 # With T = 1 the weights of two tokens can differ by at most e^2 (cosines lie in
@@ -24,6 +25,21 @@ CLASSIFIERS = ("etf", "etf_trainable", "linear")
 # tokens of a 224 px image; T = 0.1 lets a class concentrate on its few best
 # matching tokens while keeping the module free of parameters.
 COSINE_TEMPERATURE = 0.1
+
+
+def _torch_linear_kernel_init() -> nn.initializers.Initializer:
+    # torch.nn.Linear: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    # torch.nn.Linear's bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1.0 / max(fan_in, 1) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 def _l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -51,6 +67,13 @@ class MLCNC(nn.Module):
         alpha: scale applied to the positive entries of the class features.
         logit_scale_init: initial value of the learned logit scale gamma.
         etf_seed: seed of both ETF constructions.
+        param_init: 'flax' (flax's initialisers; Xavier-normal of each class's W_c
+            separately) or 'torch' (the reference code's torch defaults: token
+            embedding as torch.nn.Linear, weight and bias U(-1/sqrt(C), 1/sqrt(C));
+            attention as torch.nn.MultiheadAttention, Xavier-uniform over the stacked
+            [3D, D] in-projection, the out-projection's weight as a torch.nn.Linear,
+            zero biases; W [K, D, p] Xavier-normal over the 3-D tensor, fan_in = D*p,
+            fan_out = K*p, std = sqrt(2 / (D*p + K*p))).
         dtype: computation dtype of the backbone, embedding and projections;
             parameters are float32 and every output is float32.
     """
@@ -66,9 +89,12 @@ class MLCNC(nn.Module):
     alpha: float = 1.0
     logit_scale_init: float = 1.0
     etf_seed: int = 0
+    param_init: str = "flax"
     dtype: Any = jnp.float32
 
     def _check(self) -> None:
+        if self.param_init not in PARAM_INITS:
+            raise ValueError(f"unknown param_init {self.param_init!r}; valid: {PARAM_INITS}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; valid: {ATTENTIONS}")
         if self.classifier not in CLASSIFIERS:
@@ -84,12 +110,18 @@ class MLCNC(nn.Module):
         d, h = self.embed_dim, self.num_heads
         dh = d // h
 
+        torch_init = self.param_init == "torch"
+        # torch's MultiheadAttention draws its [3D, D] in-projection Xavier-uniform: bound
+        # sqrt(6 / (D + 3D)), i.e. variance scale 1/2 over each [D, D] block's fan_avg.
+        in_init = nn.initializers.variance_scaling(0.5 if torch_init else 1.0, "fan_avg", "uniform")
+        out_init = _torch_linear_kernel_init() if torch_init else nn.initializers.xavier_uniform()
+
         def dense(name):
             return nn.Dense(
                 d,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
-                kernel_init=nn.initializers.xavier_uniform(),  # torch MultiheadAttention
+                kernel_init=out_init if name == "out" else in_init,
                 bias_init=nn.initializers.zeros,
                 name=name,
             )
@@ -135,7 +167,16 @@ class MLCNC(nn.Module):
         ).value
 
         tokens = self.backbone(images, train)  # [B,N,C]
-        tokens = nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32, name="token_embed")(tokens)
+        torch_init = self.param_init == "torch"
+        embed_init = {}
+        if torch_init:
+            embed_init = {
+                "kernel_init": _torch_linear_kernel_init(),
+                "bias_init": _torch_linear_bias_init(tokens.shape[-1]),
+            }
+        tokens = nn.Dense(
+            d, dtype=self.dtype, param_dtype=jnp.float32, name="token_embed", **embed_init
+        )(tokens)
         tokens = nn.relu(tokens)
 
         if self.attention == "mha":
@@ -145,13 +186,16 @@ class MLCNC(nn.Module):
         feats = feats.astype(jnp.float32)
         feats = jnp.where(feats > 0, self.alpha * feats, feats)
 
-        # Per-class projection, Xavier-normal over (D, p) separately for each class.
-        w = self.param(
-            "proj_kernel",
-            nn.initializers.xavier_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
-            (k, d, p),
-            jnp.float32,
-        )
+        # Per-class projection W [K, D, p]. flax: Xavier-normal over (D, p) separately for each
+        # class (std ~ sqrt(2 / (D + p))); torch: torch.nn.init.xavier_normal_ of the 3-D tensor
+        # (dim 1 in, dim 0 out, dim 2 receptive field), std sqrt(2 / (D*p + K*p)), ~5x smaller.
+        if torch_init:
+            w_init = nn.initializers.variance_scaling(
+                1.0, "fan_avg", "normal", in_axis=1, out_axis=0
+            )
+        else:
+            w_init = nn.initializers.xavier_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        w = self.param("proj_kernel", w_init, (k, d, p), jnp.float32)
         b = self.param("proj_bias", nn.initializers.zeros, (k, p), jnp.float32)
         z = jnp.einsum("bkd,kdp->bkp", feats.astype(self.dtype), w.astype(self.dtype))
         z = z.astype(jnp.float32) + b

@@ -1,0 +1,127 @@
+"""--mode=plan: what a config's run will cost, computed from the training split alone.
+
+Prints the steps per epoch, total and warm-up steps, the learning-rate peak, images
+seen, evaluation passes and an estimate of accelerator-hours at the throughput in
+`config.plan`, then one JSON line. Nothing is compiled or trained, so it runs on any
+machine that can read the dataset's annotations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import ml_collections
+import numpy as np
+
+
+def make_plan(config: ml_collections.ConfigDict, train_labels: np.ndarray, num_test: int) -> dict:
+    """The budget of a run of `config`.
+
+    Evaluations follow the training loop: every `train.eval_every_epochs` epochs and
+    at the last step, each scoring the test split twice (raw and EMA weights).
+    Accelerator-hours assume the `config.plan` throughputs on one accelerator and
+    linear scaling (N accelerators: the same accelerator-hours in 1/N of the time).
+
+    Args:
+      config: the experiment config.
+      train_labels: [N, K] multi-hot training labels (they set the class-aware epoch).
+      num_test: number of test images.
+
+    Returns:
+      A JSON-able dict (see the keys below).
+    """
+    from mlcnc_jax.state import make_schedule
+
+    schedule = make_schedule(config, train_labels)
+    t = config.train
+    batch = int(t.batch_size)
+    total = schedule.total_steps
+    eval_every = max(1, int(t.eval_every_epochs) * schedule.steps_per_epoch)
+    evaluations = total // eval_every + (1 if total % eval_every else 0)
+    images_seen = total * batch
+    eval_images = evaluations * 2 * int(num_test)
+    train_rate = float(config.plan.train_images_per_second)
+    eval_rate = float(config.plan.eval_images_per_second)
+    if train_rate <= 0 or eval_rate <= 0:
+        raise ValueError(
+            "config.plan.train_images_per_second and eval_images_per_second must be > 0."
+        )
+    train_hours = images_seen / train_rate / 3600.0
+    eval_hours = eval_images / eval_rate / 3600.0
+    return {
+        "dataset": config.data.name,
+        "recipe": config.recipe,
+        "recipe_changes": _recipe_changes(config),
+        "num_classes": int(np.asarray(train_labels).shape[1]),
+        "train_images": int(np.asarray(train_labels).shape[0]),
+        "test_images": int(num_test),
+        "sampling": config.data.sampling,
+        "batch_size": batch,
+        "steps_per_epoch": schedule.steps_per_epoch,
+        "epochs": int(t.num_epochs),
+        "total_steps": total,
+        "warmup_steps": schedule.warmup_steps,
+        # torch's OneCycleLR: the peak at step pct_start * T - 1 (0-based).
+        "lr_peak_step": (
+            max(0.0, t.warmup_fraction * total - 1.0) if t.schedule == "one_cycle" else None
+        ),
+        "images_seen": images_seen,
+        "evaluations": evaluations,
+        "eval_passes": 2 * evaluations,
+        "eval_images": eval_images,
+        "checkpoints": math.ceil(total / max(1, int(t.checkpoint_every_steps))),
+        "train_images_per_second": train_rate,
+        "eval_images_per_second": eval_rate,
+        "accelerator_hours_train": train_hours,
+        "accelerator_hours_eval": eval_hours,
+        "accelerator_hours": train_hours + eval_hours,
+    }
+
+
+def _recipe_changes(config: ml_collections.ConfigDict) -> dict:
+    from configs import recipes  # the recipe tables live with the config files
+
+    return {k: {"recipe": a, "config": b} for k, (a, b) in recipes.differences(config).items()}
+
+
+def format_plan(p: dict) -> str:
+    """The plan as a few lines of text for a person."""
+    changes = p["recipe_changes"]
+    lines = [
+        f"dataset {p['dataset']}: {p['train_images']} training images, {p['test_images']} test "
+        f"images, {p['num_classes']} classes",
+        f"recipe {p['recipe']}"
+        + (
+            "; changed: "
+            + ", ".join(f"{k}={v['config']} (recipe {v['recipe']})" for k, v in changes.items())
+            if changes
+            else ""
+        ),
+        f"epoch: {p['steps_per_epoch']} steps of {p['batch_size']} ({p['sampling']} sampling); "
+        f"{p['epochs']} epochs = {p['total_steps']} steps, warm-up {p['warmup_steps']} steps",
+    ]
+    if p["lr_peak_step"] is not None:
+        lines.append(f"learning-rate peak at step {p['lr_peak_step']:g} (one-cycle)")
+    lines += [
+        f"images seen: {p['images_seen']:,}",
+        f"evaluations: {p['evaluations']} ({p['eval_passes']} passes, raw and EMA, "
+        f"{p['eval_images']:,} images)",
+        f"checkpoints written: {p['checkpoints']}",
+        f"estimate: {p['accelerator_hours']:.2f} accelerator-hours "
+        f"(train {p['accelerator_hours_train']:.2f} at {p['train_images_per_second']:g} images/s, "
+        f"eval {p['accelerator_hours_eval']:.2f} at {p['eval_images_per_second']:g} images/s; "
+        "set --config.plan.train_images_per_second / eval_images_per_second to your measured rates)",
+    ]
+    return "\n".join(lines)
+
+
+def plan(config: ml_collections.ConfigDict) -> dict:
+    """Loads the dataset's splits, prints the plan and a last JSON line, returns the plan."""
+    from mlcnc_jax.data import sources
+
+    dataset = sources.load_dataset(config)
+    p = make_plan(config, dataset.train.labels, len(dataset.test))
+    print(format_plan(p))
+    print(json.dumps(p), flush=True)
+    return p
