@@ -27,16 +27,22 @@ from mlcnc_jax.state import Schedule, TrainState, create_train_state, init_varia
 from mlcnc_jax.trainer import Hook, Trainer
 
 
+def pretrained_path(config: ml_collections.ConfigDict) -> str:
+    """config.model.pretrained, or '' for a run from scratch ('' or 'none')."""
+    path = str(config.model.pretrained)
+    return "" if path.strip().lower() in ("", "none") else path
+
+
 def check_pretrained_path(config: ml_collections.ConfigDict) -> None:
     """Fails at once, saying where the weights go, when config.model.pretrained is missing."""
-    path = config.model.pretrained
+    path = pretrained_path(config)
     if path and not os.path.exists(os.path.expanduser(path)):
         raise FileNotFoundError(
             f"Pretrained backbone weights not found: {path}. config.model.pretrained names either "
             f"torchvision's ImageNet weights for {config.model.backbone} (.safetensors, or .pth with "
             "torch installed; see README, 'Real benchmarks') or the workdir of a "
             "configs/pretrain.py run (built-in data). Put them there, pass "
-            "--config.model.pretrained=PATH, or train from scratch with --config.model.pretrained=''."
+            "--config.model.pretrained=PATH, or train from scratch with --config.model.pretrained=none."
         )
 
 
@@ -95,8 +101,8 @@ def initial_train_state(
         size = config.data.image_size
         example_input = jnp.zeros((1, size, size, 3), jnp.float32)
     variables = init_variables(model, example_input, init_rng)
-    if config.model.pretrained:
-        variables = load_pretrained(variables, config.model.pretrained)
+    if pretrained_path(config):
+        variables = load_pretrained(variables, pretrained_path(config))
     protos = None
     if config.model.name == "mlcnc":
         protos = prototypes.init_prototypes(num_classes, config.model.proj_dim)
@@ -209,6 +215,16 @@ def build(
     placement = parallel.Placement(config.parallel)
 
     check_pretrained_path(config)  # before the (possibly slow) dataset checks
+    if is_main:
+        source = pretrained_path(config)
+        console.say(
+            f"Backbone {config.model.backbone}: "
+            + (
+                f"pre-trained weights from {source}"
+                if source
+                else "from scratch (no pre-trained weights)"
+            )
+        )
     dataset = sources.load_dataset(config)
     plan = make_schedule(config, dataset.train.labels)
     model = create_model(config, dataset.num_classes, axis_name=placement.axis_name)

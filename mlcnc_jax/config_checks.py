@@ -32,7 +32,6 @@ IMAGE_SOURCES = ("files", "tfds")
 SAMPLINGS = ("class_aware", "uniform")
 SYNTHETIC_CLASSES = ("target", "pretrain")
 MODEL_NAMES = ("mlcnc", "baseline")
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_small")
 ATTENTIONS = ("mha", "cosine")
 CLASSIFIERS = ("etf", "etf_trainable", "linear")
 DTYPES = ("float32", "bfloat16")
@@ -83,7 +82,6 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.resize_size": _int_at_least(1),
     "data.crop_min_area": _real(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     "model.name": _one_of(MODEL_NAMES),
-    "model.backbone": _one_of(BACKBONES),
     "model.attention": _one_of(ATTENTIONS),
     "model.classifier": _one_of(CLASSIFIERS),
     "model.embed_dim": _int_at_least(1),

@@ -94,13 +94,12 @@ def test_relations_between_fields():
 def test_allowed_values_match_the_modules_that_use_them():
     from mlcnc_jax import models, prototypes
     from mlcnc_jax.data import pipeline, sources
-    from mlcnc_jax.models import mlcnc, resnet
+    from mlcnc_jax.models import mlcnc
 
     assert config_checks.DATA_NAMES == sources.SOURCES
     assert config_checks.SAMPLINGS == pipeline.SAMPLINGS
     assert config_checks.MODEL_NAMES == models.MODELS
     assert config_checks.DTYPES == tuple(models.DTYPES)
-    assert set(config_checks.BACKBONES) == set(resnet.BACKBONES)
     assert config_checks.ATTENTIONS == mlcnc.ATTENTIONS
     assert config_checks.CLASSIFIERS == mlcnc.CLASSIFIERS
     assert config_checks.PROTOTYPES == prototypes.MODES

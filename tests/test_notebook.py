@@ -51,7 +51,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
             "neural_collapse_",
             "attention_maps = True",
             "coco_lt.get_config",
-            "cli.run(pretrain_config",
+            "default.get_config",
         )
     }
     # The package was importable (the checkout), so nothing was pip-installed.
@@ -72,9 +72,10 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     maps = sorted((workdir / "attention").glob("*.png"))
     assert len(maps) == images == 4
     assert all(m.stat().st_size > 1000 for m in maps)
-    # It follows the README: pre-training first, then MLC-NC from that backbone.
-    assert (tmp_path / "workdir_pretrain" / "checkpoints").is_dir()
-    assert "pre-training: mAP" in printed[by_source["cli.run(pretrain_config"]][0]
+    # It follows the README: the default config, fine-tuned from the shipped trunk.
+    from mlcnc_jax import trunks
+
+    assert trunks.SYNTHETIC_PRETRAIN in printed[by_source["default.get_config"]][0]
     # The COCO section builds the coco_lt config without running it.
     assert printed[by_source["coco_lt.get_config"]][0].startswith("coco_lt ")
 
@@ -85,7 +86,8 @@ def test_quickstart_notebook_follows_the_default_config():
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "64 px" not in text and "OWNER" not in text
     assert 'REPO_URL = os.environ.get("MLCNC_REPO_URL", "")' in code  # the user sets it
-    assert "config.model.pretrained = PRETRAIN_WORKDIR" in code
+    # The default config keeps its shipped trunk (only the COCO section names other weights).
+    assert "config.model.pretrained =" not in code.split("coco_config")[0]
     # Outside the test's TINY block, neither config is changed but for its paths.
     outside_tiny = code.split("if TINY:")[0] + code.split("# Every device")[1]
     assert "config.train.num_epochs =" not in outside_tiny

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from mlcnc_jax.models import resnet
+from mlcnc_jax.models import resnet, vit
 from mlcnc_jax.models.mlcnc import ATTENTIONS, CLASSIFIERS, MLCNC, Baseline
 from mlcnc_jax.models.resnet import ResNet, get_backbone
 
@@ -78,8 +78,14 @@ def _resnet_factory(name: str, dtype: Any, axis_name: str | None) -> nn.Module:
     return get_backbone(name, dtype=dtype, axis_name=axis_name)
 
 
+def _vit_factory(name: str, dtype: Any, axis_name: str | None) -> nn.Module:
+    return vit.get_vit(name, dtype=dtype, axis_name=axis_name)
+
+
 for _name in resnet.BACKBONES:
     register_backbone(_name, functools.partial(_resnet_factory, _name))
+for _name in vit.VIT_BACKBONES:
+    register_backbone(_name, functools.partial(_vit_factory, _name))
 
 
 def create_model(
