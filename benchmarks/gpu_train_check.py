@@ -260,6 +260,7 @@ def run_check(
     config.seed = seed
     config.dtype = dtype
     config.model.backbone = backbone
+    config.model.pretrained = "none"  # a throughput and learning check from random weights
     if backbone != "resnet_small":
         config.model.embed_dim = 768  # the paper's head for ResNet backbones
     config.data.image_size = image_size

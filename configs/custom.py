@@ -42,6 +42,9 @@ def get_config():
     c.data.train_images = ""
     c.data.test_annotations = "/path/to/test_annotations.json"  # or /path/to/test.csv
     c.data.test_images = ""
+    # Backbone weights: e.g. torchvision's ImageNet ResNet-50 (with model.backbone='resnet50'
+    # and data.image_size=224, as configs/voc_lt.py); the built-in trunk knows only glyphs.
+    c.model.pretrained = "none"
     # Hold out part of the training images for model selection instead of the test split:
     # c.data.val_fraction = 0.1
     return c

@@ -22,6 +22,7 @@ def get_config(recipe: str = "reference"):
     c.data.image_size = 224
     c.data.resize_size = 256
     c.data.crop_min_area = 0.08  # torchvision's RandomResizedCrop, as the reference code
+    c.data.crop_padding = 0  # no extra shift: the random resized crop is the reference's only one
     c.data.sampling = "class_aware"
     c.model.backbone = "resnet50"
     c.model.pretrained = "~/.cache/mlcnc_jax/weights/resnet50_imagenet.safetensors"

@@ -41,6 +41,7 @@ def test_a_new_loss_and_backbone_train_through_the_config(registered):
         c.loss.mean_logit = 0.0
     c.loss.mean_logit = 0.5
     c.model.backbone = "patches"
+    c.model.pretrained = "none"
     c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 8, 4, 2
     c.data.image_size = 8
     k = 3

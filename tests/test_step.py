@@ -25,6 +25,7 @@ def small_config():
     c.model.num_heads = 2
     c.model.attention_dropout = 0.0
     c.data.image_size = 4
+    c.model.pretrained = "none"  # a tiny stand-in backbone, not the shipped trunk's
     c.loss.warmup_fla = 0.7
     c.train.ema_decay = 0.9
     return c
