@@ -148,7 +148,7 @@ def test_wheel_holds_the_package_the_configs_and_the_command(tmp_path):
         ROOT,
         src,
         ignore=shutil.ignore_patterns(
-            ".git", "tests", "benchmarks", "notebooks", "__pycache__", "workdir*", ".*"
+            ".git", "tests", "benchmarks", "notebooks", "__pycache__", "workdir", ".*"
         ),
     )
     subprocess.run(
@@ -175,6 +175,8 @@ def test_wheel_holds_the_package_the_configs_and_the_command(tmp_path):
         assert module.relative_to(ROOT).as_posix() in names
     for config in CONFIGS.glob("*.py"):
         assert f"configs/{config.name}" in names
+    # The shipped trunk that the default config fine-tunes from.
+    assert "mlcnc_jax/trunks/synthetic_pretrain_resnet_small_32.safetensors" in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -92,14 +92,15 @@ def test_paths_compare_by_what_they_name(tmp_path, monkeypatch):
 def test_allowed_change_is_recorded_and_becomes_the_saved_config(tmp_path):
     _saved(tmp_path)
     c = default.get_config()
+    before = c.train.num_epochs
     c.train.num_epochs = 40
     allowed = run_config.check_resume(str(tmp_path), c, ["train.num_epochs"], step=600)
-    assert allowed == [("train.num_epochs", 20, 40)]
+    assert allowed == [("train.num_epochs", before, 40)]
     lines = (tmp_path / "config_changes.jsonl").read_text().splitlines()
     assert len(lines) == 1
     entry = json.loads(lines[0])
     assert entry["step"] == 600
-    assert entry["changes"] == {"train.num_epochs": {"saved": 20, "now": 40}}
+    assert entry["changes"] == {"train.num_epochs": {"saved": before, "now": 40}}
     assert run_config.load_saved(str(tmp_path))["config"]["train"]["num_epochs"] == 40
     assert run_config.check_resume(str(tmp_path), c) == []  # nothing new to record
     assert len((tmp_path / "config_changes.jsonl").read_text().splitlines()) == 1
