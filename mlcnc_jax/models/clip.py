@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlcnc_jax.models.pretrained import _check_same_tree
+from mlcnc_jax.models.pretrained import _check_same_tree, _set
 from mlcnc_jax.models.vit import VIT_CONFIGS, ViT
 
 # The width of one attention head in every CLIP ViT (OpenAI and open_clip defaults).
@@ -305,12 +305,6 @@ def check_clip_architecture(arch: ClipVisionArch, backbone: ViT, path: str = "")
         diffs.append("patch_bias: CLIP's patch convolution has no bias, backbone has one")
     if diffs:
         _raise_mismatch(arch, diffs, path)
-
-
-def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
 
 
 def convert_clip_visual(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
