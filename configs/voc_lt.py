@@ -31,7 +31,6 @@ def get_config(recipe: str = "reference"):
     c.train.batch_size = 64
     c.train.num_epochs = 100
     c.train.steps_per_epoch = -1  # class-aware epoch: max_c n_c * K = 15,500 samples
-    c.train.eval_every_epochs = 5
     c.train.log_every_steps = 50
     c.train.checkpoint_every_steps = 1000
     c.eval.batch_size = 64

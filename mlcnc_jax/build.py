@@ -261,7 +261,11 @@ def build(
                 table_path=storage.join(workdir, reports.PARAMETER_TABLE),
             )
         )
-        run_hooks.append(reports.RunReports(workdir, config, dataset, config.train.log_every_steps))
+        run_hooks.append(
+            reports.RunReports(
+                workdir, config, dataset, config.train.log_every_steps, plan.total_steps
+            )
+        )
     run_hooks.extend(hooks)
     trainer = Trainer(
         model=model,

@@ -266,8 +266,21 @@ def run(
             "map_ema": results["ema"]["map"],
             "neural_collapse": results["raw"]["neural_collapse"],
         }
-        from mlcnc_jax import reports
+        from mlcnc_jax import console, reports
 
+        run_summary = reports.read_summary(workdir)
+        if (
+            run_summary
+            and run_summary["num_evaluations"] > 1
+            and run_summary["best_raw_on_test"]["map_raw"]["total"] is not None
+        ):
+            best = run_summary["best_raw_on_test"]
+            summary["best_raw_on_test"] = best
+            console.say(
+                f"final step {results['step']}: raw mAP {results['raw']['map']['total']:.2f} | "
+                f"best of {run_summary['num_evaluations']} evaluations: step {best['step']}, "
+                f"raw mAP {best['map_raw']['total']:.2f} ({reports.SELECTED_ON_TEST})"
+            )
         # Strict JSON: an empty group's mAP is null, never NaN.
         print(json.dumps(reports.to_json(summary), allow_nan=False), flush=True)
     return results

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from configs import ablations, coco_lt, default, recipes, voc_lt
-from mlcnc_jax import cli, optim, plan
+from mlcnc_jax import cli, optim, plan, reports
 from mlcnc_jax.data import voc
 from mlcnc_jax.models.mlcnc import MLCNC
 
@@ -347,7 +347,7 @@ def _tiny(config, root):
     config.train.batch_size = config.eval.batch_size = 16
     config.train.steps_per_epoch, config.train.num_epochs = 2, 2
     config.loss.warmup_epochs = 1
-    config.train.eval_every_epochs = 2  # one evaluation, at the end
+    # every epoch, as the recipe: two evaluations
     config.train.log_every_steps, config.train.checkpoint_every_steps = 2, 4
     return config
 
@@ -359,7 +359,6 @@ def test_plan_on_fake_trees(tmp_path, capsys, dataset, recipe):
     config = (voc_lt if dataset == "voc_lt" else coco_lt).get_config(recipe)
     config.data.root = str(root)
     config.train.batch_size = 8
-    config.train.eval_every_epochs = 3
     config.plan.train_images_per_second = 100.0
     config.plan.eval_images_per_second = 300.0
     result = cli.run(config, str(tmp_path / "work"), "plan")
@@ -378,7 +377,7 @@ def test_plan_on_fake_trees(tmp_path, capsys, dataset, recipe):
     assert last["warmup_steps"] == 5 * steps
     assert last["lr_peak_step"] == pytest.approx(0.2 * 100 * steps - 1)
     assert last["images_seen"] == 100 * steps * 8
-    evaluations = 34  # epochs 3, 6, ..., 99 and the last step
+    evaluations = 100  # every epoch
     assert last["evaluations"] == evaluations and last["eval_passes"] == 2 * evaluations
     assert last["eval_images"] == 2 * evaluations * test_images
     expected = (100 * steps * 8 / 100.0 + 2 * evaluations * test_images / 300.0) / 3600
@@ -395,7 +394,7 @@ def test_plan_of_the_official_splits(lt_splits_dir):
         p = plan.make_plan(config, labels, test_images)
         assert p["steps_per_epoch"] == steps and p["total_steps"] == 100 * steps
         assert p["warmup_steps"] == 5 * steps and p["images_seen"] == 100 * steps * 64
-        assert p["evaluations"] == 20  # every 5 epochs
+        assert p["evaluations"] == 100  # every epoch, as the authors' code
 
 
 def test_plan_reports_fields_changed_from_the_recipe(tmp_path, capsys):
@@ -426,4 +425,15 @@ def test_recipe_trains_end_to_end_on_fake_tree(tmp_path, dataset, recipe):
     )
     for name in ("raw", "ema"):
         assert 0 < results[name]["map"]["total"] <= 100
-    assert [p.name for p in (tmp_path / "work").glob("eval_*.json")] == ["eval_4.json"]
+    work = tmp_path / "work"
+    assert sorted(p.name for p in work.glob("eval_*.json")) == ["eval_2.json", "eval_4.json"]
+    # Final and best-on-test numbers side by side, the latter labelled as test-selected.
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["final"]["step"] == 4 and summary["complete"] is True
+    assert summary["final"]["map_raw"] == json.loads(
+        json.dumps(reports.to_json(results["raw"]["map"]))
+    )
+    evals = {s: json.loads((work / f"eval_{s}.json").read_text()) for s in (2, 4)}
+    best = max((2, 4), key=lambda s: evals[s]["map_raw"]["total"])
+    assert summary["best_raw_on_test"]["step"] == best
+    assert "selected on the test split" in summary["best_raw_on_test"]["selection"]
