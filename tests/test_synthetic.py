@@ -91,6 +91,16 @@ def test_second_load_reads_without_generating(target, capsys):
     np.testing.assert_array_equal(again.test.labels, ds.test.labels)
 
 
+def test_generation_shows_a_live_bar_per_split(tmp_path, capsys):
+    b = synthetic.builder("target", 32, 0, tmp_path)
+    examples = b._generate_examples("train")  # what tfds consumes while generating
+    first = _first(examples, 3)
+    examples.close()
+    assert [key for key, _ in first] == ["train_00000", "train_00001", "train_00002"]
+    err = capsys.readouterr().err
+    assert "generating target_32 train" in err and "/1104" in err and "image" in err
+
+
 def _first(it, n):
     return list(itertools.islice(it, n))
 

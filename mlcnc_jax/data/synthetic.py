@@ -540,9 +540,15 @@ class SyntheticLt(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples("train"), "test": self._generate_examples("test")}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
+        from mlcnc_jax import console
+
         cfg = self.builder_config
-        for key, png, labels in generate(cfg.classes, cfg.image_size, cfg.seed, split):
-            yield key, {"image": io.BytesIO(png), "labels": labels, "id": key}
+        images = generate(cfg.classes, cfg.image_size, cfg.seed, split)
+        total = len(split_labels(cfg.classes, cfg.seed, split))
+        with console.bar(total, f"generating {cfg.name} {split}", unit="image") as live:
+            for key, png, labels in images:
+                yield key, {"image": io.BytesIO(png), "labels": labels, "id": key}
+                live.update(1)
 
 
 def split_labels(classes: str, seed: int, split: str) -> np.ndarray:
