@@ -7,6 +7,16 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite builds the same tiny models many times (and in subprocesses, which inherit this):
+# XLA's compiled programs are cached on disk for the session, so each compiles once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlcnc_jax_test_xla_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
@@ -21,3 +31,9 @@ def lt_splits_dir() -> pathlib.Path:
     if not (SHARED_SPLITS / "coco_lt.json").exists():
         pytest.skip(f"official split files not found at {SHARED_SPLITS} (only in CI/dev checkouts)")
     return SHARED_SPLITS
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> str:
+    """One data root for the whole session: the built-in data is generated once per size."""
+    return str(tmp_path_factory.mktemp("datasets"))
