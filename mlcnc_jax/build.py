@@ -17,12 +17,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import logging
 from flax import linen as nn
 
-from mlcnc_jax import checkpoint, console, objective, optim, parallel, prototypes, storage
+from mlcnc_jax import (
+    checkpoint,
+    checkpoint_health,
+    console,
+    objective,
+    optim,
+    parallel,
+    prototypes,
+    run_config,
+    storage,
+)
 from mlcnc_jax.evaluation import Evaluator
 from mlcnc_jax.models import create_model, pretrained
+from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.state import Schedule, TrainState, create_train_state, init_variables, make_schedule
 from mlcnc_jax.trainer import Hook, Trainer
 
@@ -123,6 +133,7 @@ class Experiment:
       placement: jit or pmap.
       evaluator: scores the test split.
       trainer: the `Trainer`.
+      resume: how training resumes (restore step, allowed config changes).
     """
 
     config: ml_collections.ConfigDict
@@ -137,15 +148,64 @@ class Experiment:
     placement: parallel.Placement
     evaluator: Evaluator
     trainer: Trainer
+    resume: ResumeOptions = DEFAULT_RESUME
 
-    def initial_state(self) -> TrainState:
-        """The freshly initialised state, or the latest checkpoint's when there is one."""
-        state = initial_train_state(self.config, self.model, self.tx, self.dataset.num_classes)
-        if self.checkpointer.latest_step() is not None:
-            state = self.checkpointer.restore(state)
-            logging.info(
-                "Resumed from %s at step %d.", self.checkpointer.directory, int(state.step)
+    def restore_step(self, *, training: bool) -> int | None:
+        """The checkpoint to start from: `resume.restore_step`, else the latest sound one.
+
+        A broken latest checkpoint stops the run, naming it and the newest sound step to
+        pass as --restore_step. Training from an earlier step sets the newer checkpoints
+        aside (renamed `<step>.set_aside`, never deleted) so that those steps can be saved
+        again; evaluating one leaves them as they are.
+        """
+        directory = self.checkpointer.directory
+        wanted = self.resume.restore_step
+        if wanted is None:
+            return checkpoint_health.choose_restore_step(directory)
+        steps = checkpoint_health.list_steps(directory)
+        if wanted not in steps:
+            raise FileNotFoundError(
+                f"--restore_step={wanted}: {directory} has no checkpoint of that step; it has "
+                f"{', '.join(map(str, steps)) or 'none'}."
             )
+        problem = checkpoint_health.check_step(directory, wanted)
+        if problem:
+            raise checkpoint_health.BrokenCheckpointError(
+                f"--restore_step={wanted}: that checkpoint ({directory}/{wanted}) is broken: "
+                f"{problem}. Choose another of {', '.join(map(str, steps))}."
+            )
+        if training:
+            if jax.process_index() == 0:
+                checkpoint_health.set_aside_after(directory, wanted)
+            parallel.sync("mlcnc_jax checkpoints set aside")
+            self.checkpointer.manager.reload()
+        return wanted
+
+    def initial_state(self, *, training: bool = False) -> TrainState:
+        """The freshly initialised state, or the chosen checkpoint's when there is one.
+
+        Args:
+          training: the state a training run starts from: a fresh run saves its config
+            (config.json); a resumed one is checked against it (`run_config.check_resume`).
+        """
+        state = initial_train_state(self.config, self.model, self.tx, self.dataset.num_classes)
+        step = self.restore_step(training=training)
+        is_main = jax.process_index() == 0
+        if step is None:
+            if training:
+                run_config.save_config(self.workdir, self.config, jax.process_index())
+            return state
+        if training:
+            run_config.check_resume(
+                self.workdir,
+                self.config,
+                self.resume.allow_config_change,
+                step=step,
+                process_index=jax.process_index(),
+            )
+        state = self.checkpointer.restore(state, step)
+        if is_main and training:
+            console.say(f"Resuming from {self.checkpointer.directory}/{step}")
         return state
 
     def train_batches(self, start_step: int = 0) -> Iterator[dict]:
@@ -166,7 +226,7 @@ class Experiment:
           wrap_batches: optionally wraps the training iterator (e.g. to record or
             alter what the step receives).
         """
-        state = self.initial_state()
+        state = self.initial_state(training=True)
         batches = self.train_batches(int(state.step))
         if wrap_batches is not None:
             batches = wrap_batches(batches)
@@ -182,7 +242,7 @@ class Experiment:
             gc.collect()
 
     def evaluate(self) -> dict:
-        """Scores the latest checkpoint (and writes its reports)."""
+        """Scores the latest sound checkpoint, or `resume.restore_step` (writes its reports)."""
         if self.checkpointer.latest_step() is None:
             raise FileNotFoundError(
                 f"No checkpoint in {self.checkpointer.directory}: train first (--mode=train)."
@@ -191,7 +251,11 @@ class Experiment:
 
 
 def build(
-    config: ml_collections.ConfigDict, workdir: str, *, hooks: Sequence[Hook] = ()
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    hooks: Sequence[Hook] = (),
+    resume: ResumeOptions = DEFAULT_RESUME,
 ) -> Experiment:
     """Assembles the run of `config` in `workdir`.
 
@@ -199,6 +263,7 @@ def build(
       config: the experiment config.
       workdir: the run's directory.
       hooks: more trainer hooks, after the console and the reports.
+      resume: how training resumes.
 
     Returns:
       The `Experiment`.
@@ -280,6 +345,9 @@ def build(
         hooks=run_hooks,
         eval_every_steps=config.train.eval_every_epochs * plan.steps_per_epoch,
         checkpoint_every_steps=config.train.checkpoint_every_steps,
+        is_reported=lambda step: parallel.broadcast_flag(
+            is_main and reports.has_eval_report(workdir, step)
+        ),
     )
     return Experiment(
         config=config,
@@ -294,6 +362,7 @@ def build(
         placement=placement,
         evaluator=evaluator,
         trainer=trainer,
+        resume=resume,
     )
 
 
@@ -303,11 +372,14 @@ def train_and_evaluate(
     *,
     hooks: Sequence[Hook] = (),
     wrap_batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
+    resume: ResumeOptions = DEFAULT_RESUME,
 ) -> dict:
     """Trains (or resumes) the configured model and returns the final evaluation."""
-    return build(config, workdir, hooks=hooks).train(wrap_batches)
+    return build(config, workdir, hooks=hooks, resume=resume).train(wrap_batches)
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Scores the latest checkpoint of `workdir` on the test split."""
-    return build(config, workdir).evaluate()
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, resume: ResumeOptions = DEFAULT_RESUME
+) -> dict:
+    """Scores the latest checkpoint of `workdir` (or `resume.restore_step`) on the test split."""
+    return build(config, workdir, resume=resume).evaluate()

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from mlcnc_jax import storage
@@ -28,6 +29,28 @@ def model_fingerprint(config: Any, class_names: list[str]) -> dict:
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was made by a different model or dataset than the current config."""
+
+
+def read_numpy_tree(path: str) -> Any:
+    """Every array of an orbax PyTree checkpoint item (e.g. `<step>/state`), as numpy arrays.
+
+    Reads on any topology: nothing is placed on devices, whatever devices saved it.
+    """
+    from etils import epath
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(epath.Path(path))
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(
+        epath.Path(path), args=ocp.args.PyTreeRestore(restore_args=restore_args)
+    )
+
+
+# Largest |weight| of a checkpoint worth resuming from: trained weights of these models are
+# of order 1 (the logit scale of order 10); a diverging run's grow by many orders.
+SANE_WEIGHT = 1e4
 
 
 class Checkpointer:
@@ -172,10 +195,65 @@ class Checkpointer:
             )
         if check:
             self.check_fingerprint(step)
-        saved = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-        )["state"]
+        # As host numpy arrays: the devices the checkpoint was saved from need not exist
+        # here (another process count, another machine).
+        saved = read_numpy_tree(storage.join(self.directory, str(step), "state"))
         return {name: saved.get(name) or {} for name in VARIABLE_COLLECTIONS}
+
+    def steps(self) -> list[int]:
+        """The steps of the kept checkpoints, ascending."""
+        return sorted(self.manager.all_steps())
+
+    def weight_health(self, step: int) -> tuple[bool, float]:
+        """(all parameters finite, largest |parameter|) of checkpoint `step`."""
+        params = self.restore_variables(step, check=False)["params"]
+        leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
+        finite = all(bool(np.isfinite(x).all()) for x in leaves)
+        largest = max((float(np.nanmax(np.abs(x))) for x in leaves if x.size), default=0.0)
+        return finite, largest
+
+    def describe_for_recovery(self, failed_step: int) -> str:
+        """Which kept checkpoints a diverged run can resume from, and how far back each is.
+
+        Args:
+          failed_step: the step at which training failed.
+
+        Returns:
+          Lines naming each kept checkpoint (newest first) with its distance from
+          `failed_step`, whether its parameters are finite and of a normal size, and the
+          --restore_step to use.
+        """
+        steps = self.steps()
+        if not steps:
+            return (
+                f"No checkpoint was saved before step {failed_step}: start again (a fresh "
+                "--workdir) with a lower --config.train.learning_rate."
+            )
+        lines, sound = [], []
+        for step in reversed(steps):
+            try:
+                finite, largest = self.weight_health(step)
+            except Exception as e:  # noqa: BLE001 - a broken checkpoint is reported, not raised
+                lines.append(f"  step {step}: unreadable ({type(e).__name__})")
+                continue
+            normal = finite and largest <= SANE_WEIGHT
+            if normal:
+                sound.append(step)
+            state = (
+                "not finite"
+                if not finite
+                else f"finite, largest |weight| {largest:.3g}"
+                + ("" if normal else f" (over {SANE_WEIGHT:g}: it would diverge again)")
+            )
+            lines.append(f"  step {step} ({failed_step - step} steps back): {state}")
+        advice = (
+            f"Resume from step {sound[0]} with a lower learning rate: --restore_step={sound[0]} "
+            "--config.train.learning_rate=LR --allow_config_change=train.learning_rate"
+            if sound
+            else "No kept checkpoint has weights of a normal size: start again in a fresh "
+            "--workdir with a lower --config.train.learning_rate."
+        )
+        return f"Checkpoints kept in {self.directory}:\n" + "\n".join(lines) + "\n" + advice
 
     def close(self) -> None:
         self.manager.close()

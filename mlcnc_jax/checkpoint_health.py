@@ -79,8 +79,6 @@ def check_step(directory: str, step: int, deep: bool = True) -> str | None:
     Returns:
       None, or the reason in one line.
     """
-    import jax
-    import numpy as np
     import orbax.checkpoint as ocp
     from etils import epath
 
@@ -94,9 +92,8 @@ def check_step(directory: str, step: int, deep: bool = True) -> str | None:
         return f"its 'meta' item cannot be read ({_short(e)})"
     if not (path / "state" / "_METADATA").exists():
         return "its array metadata file state/_METADATA is missing"
-    checkpointer = ocp.PyTreeCheckpointer()
     try:
-        tree = checkpointer.metadata(path / "state")
+        tree = ocp.PyTreeCheckpointer().metadata(path / "state")
         tree = getattr(tree, "item_metadata", tree)
         tree = getattr(tree, "tree", tree)
     except Exception as e:
@@ -105,10 +102,10 @@ def check_step(directory: str, step: int, deep: bool = True) -> str | None:
         return "its array metadata cannot be read (state/_METADATA is unreadable)"
     if not deep:
         return None
+    from mlcnc_jax import checkpoint
+
     try:
-        # numpy restore types: no device placement, so it works on any topology.
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        checkpointer.restore(path / "state", args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        checkpoint.read_numpy_tree(str(path / "state"))  # host arrays: works on any topology
     except Exception as e:
         return f"its arrays cannot be read ({_short(e)})"
     return None

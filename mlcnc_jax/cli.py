@@ -12,7 +12,6 @@ optional ':argument' for configs whose get_config takes one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging as std_logging
 import os
@@ -22,81 +21,12 @@ from collections.abc import Callable, Iterator, Sequence
 import ml_collections
 from absl import app, flags, logging
 
-from mlcnc_jax import storage
+from mlcnc_jax import run_config, storage
+from mlcnc_jax.config_files import resolve_config_argv
+from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 
 MODES = ["train", "eval", "predict", "data_stats", "plan"]
 FLAGS = flags.FLAGS
-
-
-def builtin_config_dir() -> str | None:
-    """The directory of the `configs` package (the checkout's, or the installed one)."""
-    spec = importlib.util.find_spec("configs")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        if os.path.isfile(os.path.join(location, "default.py")):
-            return location
-    return None
-
-
-def builtin_configs() -> list[str]:
-    """Names of the built-in configs (files of the `configs` package)."""
-    directory = builtin_config_dir()
-    if directory is None:
-        return []
-    return sorted(
-        name[:-3]
-        for name in os.listdir(directory)
-        if name.endswith(".py") and not name.startswith("_")
-    )
-
-
-def resolve_config(value: str) -> str:
-    """Turns a --config value into the config file path that config_flags loads.
-
-    An existing file is used as given. Otherwise 'NAME', 'NAME.py' or
-    'configs/NAME.py' (each optionally followed by ':ARGUMENT') name the
-    built-in config NAME, so the installed `mlcnc` command finds the configs
-    from any directory.
-
-    Args:
-      value: the --config value, e.g. 'configs/default.py', 'coco_lt' or
-        'ablations.py:bce_uniform'.
-
-    Returns:
-      A config file path, with the ':ARGUMENT' suffix kept.
-
-    Raises:
-      FileNotFoundError: no such file and no built-in config of that name.
-    """
-    if os.path.isfile(value):
-        return value
-    path, sep, argument = value.partition(":")
-    if os.path.isfile(path):
-        return value
-    head, name = os.path.split(path)
-    if name.endswith(".py"):
-        name = name[:-3]
-    directory = builtin_config_dir()
-    if head in ("", "configs") and directory and name in builtin_configs():
-        return os.path.join(directory, name + ".py") + sep + argument
-    raise FileNotFoundError(
-        f"--config={value}: there is no file {path!r}"
-        + (f" and no built-in config named {name!r}" if head in ("", "configs") else "")
-        + f". Pass a config file, or one of the built-in configs: {', '.join(builtin_configs())}."
-    )
-
-
-def resolve_config_argv(argv: list[str]) -> list[str]:
-    """`argv` with the value of --config (either '--config=X' or '--config X') resolved."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        for prefix in ("--config=", "-config="):
-            if arg.startswith(prefix):
-                out[i] = prefix + resolve_config(arg[len(prefix) :])
-        if arg in ("--config", "-config") and i + 1 < len(out):
-            out[i + 1] = resolve_config(out[i + 1])
-    return out
 
 
 def define_flags() -> None:
@@ -136,6 +66,25 @@ def define_flags() -> None:
         None,
         "Multi-host: index of this process (default: $JAX_PROCESS_ID or auto-detect).",
     )
+    flags.DEFINE_list(
+        "allow_config_change",
+        [],
+        "Resume although these config fields (comma-separated; a section ends in '.') differ "
+        "from the workdir's config.json, e.g. train.num_epochs to extend a run. Recorded in "
+        "config_changes.jsonl.",
+    )
+    flags.DEFINE_integer(
+        "restore_step",
+        None,
+        "Train on from (or, with --mode=eval, score) this checkpoint step instead of the latest "
+        "(training sets newer checkpoints aside as <step>.set_aside), e.g. after a divergence.",
+    )
+    flags.DEFINE_bool(
+        "force_unlock",
+        False,
+        "Take the workdir's run.lock even if another run seems to hold it (only when that run "
+        "is known to be gone, e.g. on another host).",
+    )
     flags.mark_flags_as_required(["config"])
 
 
@@ -166,6 +115,38 @@ def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     configure_logging(FLAGS.verbosity)
+    try:
+        _run_from_flags()
+    except Exception as e:
+        if FLAGS.verbosity >= 1 or not isinstance(e, user_errors()):
+            raise
+        # A bad input or a refused action: its message says what to do; no traceback.
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that a bad input or a refused action raise, each with the fix in its message.
+
+    The command line prints these as one message and exits with code 1 (with a traceback
+    only at --verbosity=1); any other exception is a bug and keeps its traceback.
+    """
+    from mlcnc_jax import checkpoint, checkpoint_health, config_checks, predict, workdir_lock
+    from mlcnc_jax.data import splits
+
+    return (
+        FileNotFoundError,
+        FloatingPointError,
+        checkpoint.CheckpointMismatchError,
+        checkpoint_health.BrokenCheckpointError,
+        config_checks.InvalidConfigError,
+        run_config.ConfigChangedError,
+        workdir_lock.WorkdirLockedError,
+        predict.UnreadableImagesError,
+        splits.SplitFileError,
+    )
+
+
+def _run_from_flags() -> None:
     run(
         FLAGS.config,
         FLAGS.workdir,
@@ -174,6 +155,12 @@ def _main(argv: list[str]) -> None:
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,
         process_id=FLAGS.process_id,
+        resume=ResumeOptions(
+            allow_config_change=tuple(FLAGS.allow_config_change),
+            restore_step=FLAGS.restore_step,
+            force_unlock=FLAGS.force_unlock,
+        ),
+        overrides=run_config.command_line_overrides(sys.argv),
     )
 
 
@@ -192,7 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     # config_flags reads the --config.* overrides from sys.argv itself.
     sys.argv = argv
     logging.set_verbosity(logging.INFO)
-    app.run(_main, argv=argv)
+    try:
+        app.run(_main, argv=argv)
+    except (KeyError, AttributeError) as e:
+        # What config_flags raises for a misspelt --config.KEY while parsing: one line with
+        # the closest declared key instead of a traceback.
+        from mlcnc_jax import config_checks
+
+        message = config_checks.format_config_error(e, argv=argv)
+        if message is None:
+            raise
+        sys.exit(f"{os.path.basename(argv[0])}: {message}")
 
 
 def run(
@@ -206,6 +203,8 @@ def run(
     process_id: int | None = None,
     hooks: Sequence = (),
     wrap_batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
+    resume: ResumeOptions = DEFAULT_RESUME,
+    overrides: Sequence[str] | None = None,
 ) -> dict | str:
     """Runs one mode of the program.
 
@@ -219,21 +218,45 @@ def run(
       process_id: this process's index; None to auto-detect.
       hooks: more trainer hooks (train mode; see `trainer.Hook`).
       wrap_batches: wraps the training iterator (train mode; see `build.Experiment.train`).
+      resume: how a run in a workdir with checkpoints resumes (train mode).
+      overrides: the config fields set on the command line; eval and predict start from
+        the workdir's saved config and take only these (see `run_config.config_for_eval`;
+        None: every field where `config` differs from the saved one).
 
     Returns:
       The evaluation results (train, eval), the predictions path (predict),
       the split statistics (data_stats) or the run's budget (plan).
+
+    In a multi-process run an error on any process ends every process (exit code 1),
+    each printing which process failed and why.
     """
     from mlcnc_jax import parallel
 
     if multihost:
         parallel.initialize_distributed(coordinator_address, num_processes, process_id)
+        import jax
+
+        if jax.process_count() > 1:
+            parallel.watch_for_failures()
+            try:
+                return _run(config, workdir, mode, hooks, wrap_batches, resume, overrides)
+            except BaseException as e:  # noqa: BLE001 - every failure must end all processes
+                parallel.end_all_processes(e)
+    return _run(config, workdir, mode, hooks, wrap_batches, resume, overrides)
+
+
+def _run(config, workdir, mode, hooks, wrap_batches, resume, overrides):
     import jax
+
+    from mlcnc_jax import config_checks, workdir_lock
 
     workdir = storage.resolve(workdir)  # bucket URLs (gs://...) stay as they are
     logging.info(
         "JAX %s on %s: %d device(s).", jax.__version__, jax.default_backend(), jax.device_count()
     )
+    if mode in ("eval", "predict"):
+        config = run_config.config_for_eval(workdir, config, overrides)
+    config_checks.validate(config, jax.device_count())  # before any data is read
     if mode == "data_stats":
         from mlcnc_jax.data import sources, stats
 
@@ -252,13 +275,17 @@ def run(
 
     from mlcnc_jax import build
 
-    _prepare_data_on_process_0_first(config)
-    if mode == "train":
-        results = build.train_and_evaluate(config, workdir, hooks=hooks, wrap_batches=wrap_batches)
-    elif mode == "eval":
-        results = build.evaluate_checkpoint(config, workdir)
-    else:
+    if mode not in ("train", "eval"):
         raise ValueError(f"Unknown mode {mode!r}: use one of {MODES}.")
+    # One run per workdir: a second one stops here, naming the holder.
+    with workdir_lock.hold(workdir, process_index=jax.process_index(), force=resume.force_unlock):
+        _prepare_data_on_process_0_first(config)
+        if mode == "train":
+            results = build.train_and_evaluate(
+                config, workdir, hooks=hooks, wrap_batches=wrap_batches, resume=resume
+            )
+        else:
+            results = build.evaluate_checkpoint(config, workdir, resume)
     if jax.process_index() == 0 and results:
         summary = {
             "step": results["step"],

@@ -240,6 +240,10 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     return found
 
 
+class InvalidConfigError(ValueError):
+    """Config values out of their allowed ranges (every one named in the message)."""
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks every field of `config` at once, before any data is loaded.
 
@@ -249,11 +253,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         divide among them; None skips that check.
 
     Raises:
-      ValueError: naming every bad field, its value and its allowed range, one per line.
+      InvalidConfigError: naming every bad field, its value and its allowed range, one per
+        line.
     """
     found = problems(config, num_devices)
     if found:
-        raise ValueError(
+        raise InvalidConfigError(
             f"{len(found)} invalid config value{'s' if len(found) > 1 else ''}; fix "
             + ("it" if len(found) == 1 else "them")
             + " on the command line (--config.FIELD=VALUE) or in the config file:\n  "

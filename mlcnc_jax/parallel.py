@@ -69,6 +69,128 @@ def initialize_distributed(
     )
 
 
+FAILURE_KEY = "mlcnc_jax/failure"
+_WATCH_INTERVAL_S = 0.5
+_SERVICE_GRACE_S = 3.0
+
+
+def _client():
+    from jax._src import distributed  # the coordination service's key-value store
+
+    return distributed.global_state.client
+
+
+def watch_for_failures(interval_s: float = _WATCH_INTERVAL_S) -> None:
+    """Ends this process as soon as another process of the run reports a failure.
+
+    A process that fails while the others wait in a collective (a barrier, an
+    all-reduce of the next step) would leave them waiting until the coordination
+    service's heartbeat timeout, or forever. `end_all_processes` writes the
+    failure to the coordination service's key-value store; this daemon thread
+    polls it and, when it appears, prints which process failed and why, then
+    exits with code 1.
+    """
+    import sys
+    import threading
+    import time
+
+    client = _client()
+    if client is None:
+        return
+    me = jax.process_index()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            message = _reported_failure(client)
+            if message is None or message.startswith(f"process {me} failed"):
+                continue  # nothing yet, or this process's own report (it is exiting)
+            print(f"mlcnc_jax: {message}; stopping process {me} too.", file=sys.stderr, flush=True)
+            if me == 0:
+                # Process 0 hosts the coordination service: the others abort when it goes,
+                # so it leaves last.
+                time.sleep(_SERVICE_GRACE_S)
+            _exit_now()
+
+    threading.Thread(target=watch, name="mlcnc_jax-failure-watch", daemon=True).start()
+
+
+def end_all_processes(error: BaseException) -> None:
+    """Reports `error` to every process of the run, prints it and ends this process (code 1).
+
+    Called where a multi-process run fails; the other processes' `watch_for_failures`
+    threads end them with the same message. Never returns.
+    """
+    import sys
+    import time
+    import traceback
+
+    me = jax.process_index()
+    if isinstance(error, SystemExit) and not error.code:
+        raise error  # a normal exit is not a failure
+    message = f"process {me} failed: {type(error).__name__}: {error}"
+    client = _client()
+    first = _reported_failure(client)
+    if first is not None:  # this error follows another process's (e.g. a broken connection)
+        print(
+            f"mlcnc_jax: {first}; stopping process {me} too (here: {type(error).__name__}).",
+            file=sys.stderr,
+            flush=True,
+        )
+        _exit_now()
+    try:
+        if client is not None:
+            client.key_value_set(FAILURE_KEY, message[:4000])
+    except Exception:  # noqa: BLE001 - another process reported at the same moment
+        pass
+    traceback.print_exception(error, file=sys.stderr)
+    print(f"mlcnc_jax: {message}; ending all processes.", file=sys.stderr, flush=True)
+    # Stay until the others have read the message: exiting at once could break their
+    # collectives first, and they would report that instead of the cause. (Process 0, which
+    # hosts the coordination service, waits longer: the others abort when it is gone.)
+    time.sleep(_SERVICE_GRACE_S if me == 0 else 2 * _WATCH_INTERVAL_S)
+    _exit_now()
+
+
+def _reported_failure(client) -> str | None:
+    if client is None:
+        return None
+    try:
+        return client.key_value_try_get(FAILURE_KEY)
+    except Exception:  # noqa: BLE001 - no failure reported
+        return None
+
+
+def _exit_now() -> None:
+    # os._exit skips the atexit hooks, which could wait on the other processes (JAX's
+    # distributed shutdown); the workdir locks are released first, by hand.
+    import sys
+
+    from mlcnc_jax import workdir_lock
+
+    workdir_lock.release_all()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def sync(name: str) -> None:
+    """A barrier of all processes (nothing to wait for in a one-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Process 0's value of `flag`, on every process (so all take the same branch)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
+
+
 def make_mesh() -> Mesh:
     """A 1-D mesh over all global devices with the axis 'data'.
 

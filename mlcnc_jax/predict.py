@@ -44,15 +44,27 @@ def list_inputs(inputs: str) -> list[str]:
     return paths
 
 
+class UnreadableImagesError(RuntimeError):
+    """Some inputs could not be read; the predictions of the others were written."""
+
+
 def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes `<workdir>/predictions.json` (and attention maps when configured).
 
     Uses the latest checkpoint of `workdir` (raw weights) and the class names
-    stored with it, so the dataset itself is not needed.
+    stored with it, so the dataset itself is not needed. Attention maps are named
+    so that no two inputs share one (`one.png` and `one.jpg` give `one_png.png`
+    and `one_jpg.png`). An image that cannot be read is skipped and listed under
+    'failed' in the JSON.
 
     Returns:
       The path of the JSON file.
+
+    Raises:
+      UnreadableImagesError: after writing the JSON, when any input could not be read
+        (naming each).
     """
+    from mlcnc_jax import output_naming
     from mlcnc_jax.data import pipeline
 
     workdir = storage.resolve(workdir)
@@ -75,17 +87,21 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
             result["attention"] = out["attention"]
         return result
 
-    predictions = []
+    predictions, failed = [], []
     attention_dir = storage.join(workdir, "attention")
+    map_names = output_naming.output_names(paths) if config.predict.attention_maps else {}
+    if config.predict.attention_maps and config.model.name != "mlcnc":
+        raise ValueError("Attention maps need the MLC-NC model (config.model.name='mlcnc').")
     for path in paths:
-        with open(path, "rb") as f:
-            encoded = f.read()
         try:
+            with open(path, "rb") as f:
+                encoded = f.read()
             image = pipeline.preprocess_for_eval(encoded, config)
-        except Exception as e:  # noqa: BLE001 - any decoder error means the same to the user
-            raise ValueError(
-                f"Cannot decode the image {path}: {e}. Is it a valid JPEG/PNG file?"
-            ) from e
+        except Exception as e:  # noqa: BLE001 - any read or decode error means the same here
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            logging.warning("Skipping %s: cannot read it as an image (%s)", path, reason)
+            failed.append({"image": path, "error": f"{type(e).__name__}: {reason}"})
+            continue
         out = jax.device_get(forward(image[None]))
         scores = out["scores"][0]
         order = np.argsort(-scores)
@@ -96,15 +112,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
             "scores": {class_names[i]: float(scores[i]) for i in range(num_classes)},
         }
         if config.predict.attention_maps:
-            if "attention" not in out:
-                raise ValueError(
-                    "Attention maps need the MLC-NC model (config.model.name='mlcnc')."
-                )
             shown = chosen or [int(order[0])]
             storage.makedirs(attention_dir)
-            out_path = storage.join(
-                attention_dir, os.path.splitext(os.path.basename(path))[0] + ".png"
-            )
+            out_path = storage.join(attention_dir, map_names[path])
             save_attention_map(
                 out_path, image, out["attention"][0], shown, class_names, scores, config
             )
@@ -118,11 +128,18 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
                 "threshold": config.predict.threshold,
                 "step": meta["step"],
                 "predictions": predictions,
+                "failed": failed,
             },
             indent=1,
         ),
     )
-    logging.info("Wrote predictions for %d image(s) to %s", len(paths), out_path)
+    logging.info("Wrote predictions for %d image(s) to %s", len(predictions), out_path)
+    if failed:
+        raise UnreadableImagesError(
+            f"{len(failed)} of {len(paths)} image(s) could not be read and were skipped "
+            f"(listed under 'failed' in {out_path}; the others' predictions are there):\n"
+            + "\n".join(f"  {f['image']}: {f['error']}" for f in failed)
+        )
     return out_path
 
 

@@ -183,6 +183,13 @@ def summarize_evaluations(reports: Sequence[dict], total_steps: int | None = Non
     return summary
 
 
+def has_eval_report(workdir: str, step: int) -> bool:
+    """Whether `eval_<step>.json` exists in the workdir."""
+    from etils import epath
+
+    return epath.Path(storage.join(workdir, f"eval_{step}.json")).exists()
+
+
 def read_eval_reports(workdir: str) -> list[dict]:
     """Every `eval_<step>.json` of a workdir (an unreadable one is skipped with a warning)."""
     from absl import logging

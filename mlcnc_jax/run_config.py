@@ -15,6 +15,7 @@ with the reason). Path fields are compared as the absolute paths they named when
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -61,6 +62,27 @@ NOT_COMPARED = {
 # Fields eval and predict may set to other values than the saved config's: where the data is,
 # how evaluation is batched and reported, and what prediction does.
 EVAL_SETTABLE = (*PATH_FIELDS, *NOT_COMPARED, "eval.", "data.coco_test_all", "data.skip_corrupt")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeOptions:
+    """How a run may start or resume in a workdir that has checkpoints (command-line flags).
+
+    Attributes:
+      allow_config_change: config fields (or sections ending in '.') that may differ from
+        the saved config.json (--allow_config_change).
+      restore_step: resume from this checkpoint step instead of the latest sound one; the
+        newer checkpoints are kept, renamed `<step>.set_aside` (--restore_step).
+      force_unlock: take the workdir's lock whoever holds it (--force_unlock).
+    """
+
+    allow_config_change: tuple[str, ...] = ()
+    restore_step: int | None = None
+    force_unlock: bool = False
+
+
+# Resume from the latest sound checkpoint, with the saved config, if nothing else is asked.
+DEFAULT_RESUME = ResumeOptions()
 
 
 class ConfigChangedError(ValueError):
@@ -314,14 +336,16 @@ def command_line_overrides(argv: Sequence[str], flag: str = "config") -> list[st
 
 
 def config_for_eval(
-    workdir: str, config: ml_collections.ConfigDict, overrides: Sequence[str]
+    workdir: str, config: ml_collections.ConfigDict, overrides: Sequence[str] | None = None
 ) -> ml_collections.ConfigDict:
     """The config eval and predict should use: the saved one, plus the overrides that may differ.
 
     Args:
       workdir: the trained run's directory.
       config: the config from the command line (the --config file with its overrides).
-      overrides: the fields set on the command line (see `command_line_overrides`).
+      overrides: the fields set on the command line (see `command_line_overrides`); None
+        (a call from Python) counts every field where `config` differs from the saved one
+        as set.
 
     Returns:
       The saved config with the command-line values of the `EVAL_SETTABLE` fields in
@@ -343,6 +367,8 @@ def config_for_eval(
     result = config_from_record(saved)
     old = _flatten(_jsonable(result))
     new = _flatten(_jsonable(config))
+    if overrides is None:
+        overrides = [k for k in new if new[k] != old.get(k)]
     contradictions = []
     for key in overrides:
         if key not in new:

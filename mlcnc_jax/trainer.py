@@ -57,6 +57,9 @@ class Trainer:
       eval_every_steps: evaluate after every this many steps (and after the last).
       checkpoint_every_steps: save after every this many steps (and after the last).
       select: the score that picks the best checkpoint (default: raw total mAP).
+      is_reported: `is_reported(step)` says whether the evaluation of `step` was
+        reported; a resumed run first runs an evaluation that was due at its restored
+        step and is not (e.g. the run was killed while evaluating). None: never.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Trainer:
         eval_every_steps: int,
         checkpoint_every_steps: int,
         select: Callable[[dict], float] = lambda r: r["raw"]["map"]["total"],
+        is_reported: Callable[[int], bool] | None = None,
     ):
         self.plan = plan
         self.evaluate = evaluate
@@ -84,6 +88,7 @@ class Trainer:
         self.eval_every_steps = max(1, int(eval_every_steps))
         self.checkpoint_every_steps = max(1, int(checkpoint_every_steps))
         self.select = select
+        self.is_reported = is_reported
         self.train_step = compile_train_step(
             model,
             tx,
@@ -105,6 +110,9 @@ class Trainer:
         results = self.evaluate(state)
         self._call("on_eval", int(state.step), results)
         return results
+
+    def _eval_due(self, step: int) -> bool:
+        return step % self.eval_every_steps == 0 or step == self.plan.total_steps
 
     def _save(self, step: int, state: TrainState) -> None:
         if self.checkpointer is not None:
@@ -131,9 +139,13 @@ class Trainer:
             start,
             jax.device_count(),
         )
+        results = {}
+        if 0 < start < plan.total_steps and self._eval_due(start):
+            if self.is_reported is not None and not self.is_reported(start):
+                logging.warning("Step %d's evaluation has no report: running it first.", start)
+                results = self.run_eval(state)
         placed = self.placement.place(state)
         del state
-        results = {}
         for step in range(start, plan.total_steps):
             try:
                 batch = next(batches)
@@ -150,18 +162,22 @@ class Trainer:
             )
             done = step + 1
             if not np.isfinite(step_metrics["loss"]):
-                where = self.checkpointer.directory if self.checkpointer else "the workdir"
+                recovery = (
+                    self.checkpointer.describe_for_recovery(done)
+                    if self.checkpointer is not None
+                    else "Nothing was saved (no checkpointer)."
+                )
                 raise FloatingPointError(
                     f"The loss became {step_metrics['loss']} at step {done} "
                     f"(terms: { {k: float(v) for k, v in step_metrics.items()} }). The run "
-                    f"stopped; the last good checkpoint in {where} is kept. Lower "
-                    "--config.train.learning_rate or check the data."
+                    "stopped; nothing of this step was saved, every checkpoint is kept. "
+                    f"{recovery}\nOr check the data."
                 )
             self._call("on_step", done, step_metrics)
             last = done == plan.total_steps
             if done % self.checkpoint_every_steps == 0 or last:
                 self._save(done, self.placement.unplace(placed))
-            if done % self.eval_every_steps == 0 or last:
+            if self._eval_due(done):
                 host = self.placement.unplace(placed)
                 results = self.run_eval(host)
                 if self.checkpointer is not None:

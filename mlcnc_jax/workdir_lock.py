@@ -182,12 +182,12 @@ def _take_over(path: str, stale: LockInfo) -> bool:
 _HELD: list[WorkdirLock] = []
 
 
-def _release_all() -> None:
+def release_all() -> None:
     for lock in list(_HELD):
         lock.release()
 
 
-atexit.register(_release_all)
+atexit.register(release_all)
 
 
 def _release_on_sigterm() -> None:

@@ -112,6 +112,12 @@ def main() -> None:
     parser.add_argument("--record", required=True)
     parser.add_argument("--overrides", default="{}")
     parser.add_argument("--from_env", action="store_true")
+    parser.add_argument(
+        "--fail_at_step",
+        type=int,
+        default=0,
+        help="process 1 raises when fetching this step's batch (0: never)",
+    )
     args = parser.parse_args()
 
     from test_train import tiny_config
@@ -120,6 +126,16 @@ def main() -> None:
 
     config = tiny_config(args.data_root, **json.loads(args.overrides))
     seen, run_kwargs = instrument()
+    if args.fail_at_step and args.process_id == 1:
+        record_batches = run_kwargs["wrap_batches"]
+
+        def failing(batches):
+            for step, batch in enumerate(record_batches(batches), start=1):
+                if step == args.fail_at_step:
+                    raise RuntimeError(f"injected failure at step {step}")
+                yield batch
+
+        run_kwargs["wrap_batches"] = failing
     writes: list[str] = []
     record_writes(args.workdir, writes)
     if args.from_env:  # as a cluster would: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, ...

@@ -54,8 +54,17 @@ def free_port() -> int:
 
 
 def launch(
-    num_processes: int, local_devices: int, data_root, workdir, record, *, from_env: bool = False
-) -> list[dict]:
+    num_processes: int,
+    local_devices: int,
+    data_root,
+    workdir,
+    record,
+    *,
+    from_env: bool = False,
+    extra_args: tuple[str, ...] = (),
+    overrides: dict | None = None,
+    expect_failure: bool = False,
+) -> list[dict] | tuple[list[int | None], list[str]]:
     """Runs the worker in `num_processes` processes; returns their records.
 
     A failed process makes the others wait forever at the next collective, so
@@ -77,17 +86,21 @@ def launch(
     procs: list[subprocess.Popen] = []
     try:
         for i in range(num_processes):
-            cmd = [
-                sys.executable,
-                WORKER,
-                f"--port={port}",
-                f"--num_processes={num_processes}",
-                f"--process_id={i}",
-                f"--data_root={data_root}",
-                f"--workdir={workdir}",
-                f"--record={record}",
-                f"--overrides={json.dumps(OVERRIDES)}",
-            ] + (["--from_env"] if from_env else [])
+            cmd = (
+                [
+                    sys.executable,
+                    WORKER,
+                    f"--port={port}",
+                    f"--num_processes={num_processes}",
+                    f"--process_id={i}",
+                    f"--data_root={data_root}",
+                    f"--workdir={workdir}",
+                    f"--record={record}",
+                    f"--overrides={json.dumps({**OVERRIDES, **(overrides or {})})}",
+                ]
+                + (["--from_env"] if from_env else [])
+                + list(extra_args)
+            )
             with open(logs[i], "w") as log:
                 procs.append(
                     subprocess.Popen(
@@ -97,7 +110,7 @@ def launch(
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         while any(p.poll() is None for p in procs):
             failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
+            if (failed and not expect_failure) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     finally:
@@ -106,6 +119,10 @@ def launch(
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     codes = [p.returncode for p in procs]
+    if expect_failure:  # every process must have ended by itself (None: it had to be killed)
+        return [None if c == -signal.SIGKILL else c for c in codes], [
+            open(log).read() for log in logs
+        ]
     if any(codes):
 
         def tail(path):
@@ -123,11 +140,6 @@ def launch(
         with open(os.path.join(str(record), f"process_{i}.json")) as f:
             records.append(json.load(f))
     return records
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("datasets"))
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +227,10 @@ def check_run(records, reference, workdir, *, num_processes, local_devices, firs
     assert any(w.startswith(f"checkpoints/{STEPS}.orbax-checkpoint-tmp/") for w in writes0)
     tmp = r"(\.orbax-checkpoint-tmp)?"
     for i, r in enumerate(records[1:], start=1):
+        # Its workdir lock (run.<i>.lock; and the workdir itself if it came first) too.
         own = re.compile(
             rf"checkpoints/\d+{tmp}/state{tmp}/(array_metadatas/process_{i}|ocdbt\.process_{i}(/.*)?)$"
+            rf"|run\.{i}\.lock|\.$"
         )
         stray = [w for w in r["writes"] if not own.match(w.split(" ", 1)[1])]
         assert not stray, f"process {i} wrote outside its checkpoint shard: {stray}"
@@ -255,12 +269,39 @@ def test_four_processes_resume_a_single_process_checkpoint(reference, data_root,
     assert_same_state(restored, reference["state"])
 
 
+def test_a_failure_on_one_process_ends_them_all(reference, data_root, tmp_path):
+    # The backbone comes from the single-process run's workdir (a pre-training run, as in the
+    # quick start): every process reads it. Then process 1 fails at step 3 while process 0
+    # waits for it in the step's collectives: both must end on their own, with the error,
+    # well before the heartbeat timeout (100 s).
+    start = time.monotonic()
+    codes, logs = launch(
+        2,
+        4,
+        data_root,
+        tmp_path / "workdir",
+        tmp_path / "record",
+        extra_args=("--fail_at_step=3",),
+        overrides={"model.pretrained": reference["workdir"]},
+        expect_failure=True,
+    )
+    # Each ended by itself with an error code (none had to be killed by this test).
+    assert all(c not in (None, 0) for c in codes), (codes, [log[-3000:] for log in logs])
+    assert time.monotonic() - start < LAUNCH_TIMEOUT_S
+    assert "RuntimeError: injected failure at step 3" in logs[1]
+    assert "process 1 failed: RuntimeError: injected failure at step 3" in logs[0]
+    assert "stopping process 0 too" in logs[0]
+    # Nothing of step 3 was saved; the step-2 checkpoint is kept and the locks are gone.
+    assert sorted(os.listdir(tmp_path / "workdir" / "checkpoints")) == ["2"]
+    assert not [n for n in os.listdir(tmp_path / "workdir") if n.endswith(".lock")]
+
+
 def test_global_batch_not_divisible_by_devices_is_a_clear_error(data_root, tmp_path):
     assert jax.device_count() == 8
     with pytest.raises(ValueError, match=r"batch size 12 is not divisible by the 8 devices"):
         parallel.check_batch_size(12)
     config = tiny_config(data_root, **{"train.batch_size": 20})
-    with pytest.raises(ValueError, match=r"--config.train.batch_size.*multiple of 8"):
+    with pytest.raises(ValueError, match=r"train.batch_size = 20: must be a multiple of the 8"):
         cli.run(config, str(tmp_path), "train")
     assert not os.path.exists(tmp_path / "checkpoints")
 

@@ -12,14 +12,15 @@ import zipfile
 import pytest
 from absl import flags
 
-from mlcnc_jax import cli
+from mlcnc_jax import cli, config_files
+from mlcnc_jax.run_config import ResumeOptions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
 def test_builtin_configs_are_the_files_of_the_configs_package():
-    names = cli.builtin_configs()
+    names = config_files.builtin_configs()
     expected = sorted(p.stem for p in CONFIGS.glob("*.py") if not p.name.startswith("_"))
     assert names == expected
     assert {"default", "coco_lt", "voc_lt", "ablations"} <= set(names)
@@ -39,37 +40,39 @@ def test_config_names_resolve_to_the_builtin_files_from_any_directory(
     value, expected, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)  # nothing named like a config here
-    assert cli.resolve_config(value) == str(CONFIGS / expected)
+    assert config_files.resolve_config(value) == str(CONFIGS / expected)
 
 
 def test_existing_config_files_are_used_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert cli.resolve_config("configs/default.py") == "configs/default.py"
-    assert cli.resolve_config("configs/ablations.py:focal") == "configs/ablations.py:focal"
+    assert config_files.resolve_config("configs/default.py") == "configs/default.py"
+    assert config_files.resolve_config("configs/ablations.py:focal") == "configs/ablations.py:focal"
     # A user's file shadows a built-in name.
     own = tmp_path / "default.py"
     own.write_text("")
     monkeypatch.chdir(tmp_path)
-    assert cli.resolve_config("default.py") == "default.py"
+    assert config_files.resolve_config("default.py") == "default.py"
 
 
 @pytest.mark.parametrize("value", ["no_such_config", "elsewhere/default.py", "/x/coco_lt.py:a"])
 def test_unknown_config_is_a_clear_error(value, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="built-in configs: ablations, coco_lt"):
-        cli.resolve_config(value)
+        config_files.resolve_config(value)
 
 
 def test_resolve_config_argv_handles_both_flag_forms(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["mlcnc", "--config=coco_lt", "--config.data.root=/data", "--workdir=w"]
-    assert cli.resolve_config_argv(argv) == [
+    assert config_files.resolve_config_argv(argv) == [
         "mlcnc",
         f"--config={CONFIGS / 'coco_lt.py'}",
         "--config.data.root=/data",
         "--workdir=w",
     ]
-    assert cli.resolve_config_argv(["mlcnc", "--config", "voc_lt"])[2] == str(CONFIGS / "voc_lt.py")
+    assert config_files.resolve_config_argv(["mlcnc", "--config", "voc_lt"])[2] == str(
+        CONFIGS / "voc_lt.py"
+    )
 
 
 def test_flags_reach_run(tmp_path, monkeypatch):
@@ -88,8 +91,11 @@ def test_flags_reach_run(tmp_path, monkeypatch):
         "--coordinator_address=10.0.0.2:8476",
         "--num_processes=4",
         "--process_id=3",
+        "--restore_step=40",
+        "--allow_config_change=train.num_epochs,seed",
+        "--force_unlock",
     ]
-    argv = cli.resolve_config_argv(argv)
+    argv = config_files.resolve_config_argv(argv)
     monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
     try:
         rest = flags.FLAGS(argv)
@@ -105,6 +111,10 @@ def test_flags_reach_run(tmp_path, monkeypatch):
         "coordinator_address": "10.0.0.2:8476",
         "num_processes": 4,
         "process_id": 3,
+        "resume": ResumeOptions(
+            allow_config_change=("train.num_epochs", "seed"), restore_step=40, force_unlock=True
+        ),
+        "overrides": ["train.batch_size"],
     }
 
 

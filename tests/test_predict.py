@@ -5,6 +5,7 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from configs import default
@@ -50,3 +51,30 @@ def test_predict_lists_the_classes_at_or_above_the_threshold(tmp_path):
         above += len(chosen)
         below += len(NAMES) - len(chosen)
     assert above and below  # both sides of the threshold occur
+
+
+def test_outputs_never_collide_and_unreadable_files_are_skipped(tmp_path):
+    c = default.get_config()
+    c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 16, 4, 2
+    model = create_model(c, len(NAMES))
+    tx, _ = optim.create_optimizer(c, total_steps=10)
+    state = build.initial_train_state(c, model, tx, len(NAMES))
+    workdir = str(tmp_path / "run")
+    checkpoint.Checkpointer(workdir, checkpoint.model_fingerprint(c, NAMES)).save(3, state)
+
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.random.default_rng(1).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images / "one.png")
+    Image.fromarray(pixels).save(images / "one.jpg")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    c.predict.inputs = str(images)
+    c.predict.attention_maps = True
+    with pytest.raises(predict.UnreadableImagesError, match=r"(?s)1 of 3 image\(s\).*broken\.jpg"):
+        predict.predict(c, workdir)
+    out = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert [pathlib.Path(p["image"]).name for p in out["predictions"]] == ["one.jpg", "one.png"]
+    assert [pathlib.Path(f["image"]).name for f in out["failed"]] == ["broken.jpg"]
+    maps = sorted(pathlib.Path(p["attention_map"]).name for p in out["predictions"])
+    assert maps == ["one_jpg.png", "one_png.png"]
+    assert all(pathlib.Path(p["attention_map"]).stat().st_size > 1000 for p in out["predictions"])

@@ -140,6 +140,18 @@ def test_config_for_eval_refuses_a_contradicting_flag(tmp_path):
     )
 
 
+def test_config_for_eval_from_python_counts_every_difference_as_given(tmp_path):
+    _saved(tmp_path, **{"data.image_size": 48, "data.resize_size": 54})
+    given = default.get_config()
+    given.data.image_size, given.data.resize_size = 48, 54
+    given.predict.threshold = 0.3  # settable: taken
+    c = run_config.config_for_eval(str(tmp_path), given)
+    assert (c.predict.threshold, c.data.image_size) == (0.3, 48)
+    given.model.proj_dim = 7  # not settable, and not the saved value: refused
+    with pytest.raises(ValueError, match=r"--config.model.proj_dim=7, trained with 20"):
+        run_config.config_for_eval(str(tmp_path), given)
+
+
 def test_config_for_eval_without_saved_config(tmp_path):
     given = default.get_config()
     assert run_config.config_for_eval(str(tmp_path), given, []) is given

@@ -12,11 +12,6 @@ from configs import default
 from mlcnc_jax import build, checkpoint, cli
 
 
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("datasets"))
-
-
 def tiny_config(data_root: str, **overrides):
     c = default.get_config()
     c.data.root = data_root
@@ -164,14 +159,25 @@ def poison_batch(n: int):
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path):
     config = tiny_config(data_root, **{"train.checkpoint_every_steps": 1})
-    with pytest.raises(FloatingPointError, match="step 4"):
+    with pytest.raises(FloatingPointError, match="step 4") as stopped:
         cli.run(config, str(tmp_path), "train", wrap_batches=poison_batch(4))
     assert checkpoint.Checkpointer(str(tmp_path), {}).latest_step() == 3
+    # The message says how far back each kept checkpoint is, that its weights are sound,
+    # and how to resume from it.
+    message = str(stopped.value)
+    assert "step 3 (1 steps back): finite, largest |weight|" in message
+    assert "step 2 (2 steps back)" in message and "--restore_step=3" in message
 
 
 def test_checkpoint_from_another_model_is_refused(data_root, tmp_path):
     config = tiny_config(data_root, **{"train.num_epochs": 1, "loss.warmup_epochs": 0})
     cli.run(config, str(tmp_path), "train")
     config.model.proj_dim = 8
+    # Eval uses the workdir's saved config: the other proj_dim is refused as a contradiction
+    # when given on the command line...
+    with pytest.raises(ValueError, match="model.proj_dim=8, trained with 4"):
+        cli.run(config, str(tmp_path), "eval", overrides=["model.proj_dim"])
+    # ...and, without the saved config (a workdir of an older version), by the checkpoint.
+    (tmp_path / "config.json").unlink()
     with pytest.raises(checkpoint.CheckpointMismatchError, match="proj_dim"):
         cli.run(config, str(tmp_path), "eval")
