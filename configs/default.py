@@ -121,9 +121,19 @@ def get_config() -> ml_collections.ConfigDict:
     # -1: an epoch of the sampler (class-aware: max_c n_c * K = 8,000 images here); the CPU
     # default uses shorter epochs (they set the prototype updates and the warm-up).
     c.train.steps_per_epoch = 30
+    # 'adam' (coupled L2, as torch.optim.Adam(weight_decay=...) and the reference code) |
+    # 'adamw' (decoupled decay, as torch.optim.AdamW)
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
-    c.train.weight_decay = 1e-4  # L2 on weights only (no biases, no 1-D parameters)
+    # On weights only (no biases, no 1-D parameters): 'adam' adds it to the gradient (L2),
+    # 'adamw' subtracts lr * weight_decay * w from the weights.
+    c.train.weight_decay = 1e-4
+    # The backbone's learning rate (and AdamW decay) relative to the head's; 0 freezes it.
+    c.train.backbone_lr_multiplier = 1.0
+    # ViT backbones only (1.0 = off): block i of L gets lr * layer_decay ** (L - i), the
+    # patch / class / positional embeddings and ln_pre layer_decay ** (L + 1), ln_post and
+    # proj the backbone's lr.
+    c.train.layer_decay = 1.0
     c.train.schedule = "one_cycle"  # 'one_cycle' | 'constant'
     c.train.warmup_fraction = 0.2
     c.train.ema_decay = 0.99  # 0.9997 (the recipe) averages over ~3,000 steps: longer than this run
