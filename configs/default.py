@@ -88,7 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.attention = "mha"  # 'mha' (reference code) | 'cosine' (paper text)
     c.model.num_heads = 8
     c.model.attention_dropout = 0.1
-    c.model.classifier = "etf"  # 'etf' (frozen) | 'etf_trainable' | 'linear'
+    # 'etf' (frozen) | 'etf_trainable' | 'linear' | 'text' (frozen, with the geometry of the
+    # class text embeddings in model.text_embeddings instead of the ETF's)
+    c.model.classifier = "etf"
+    # classifier='text': a .npy file of one text embedding per class, [K, d] float, in the
+    # dataset's class order (e.g. CLIP's of 'a photo of a {name}'; made outside this project).
+    c.model.text_embeddings = ""
     c.model.alpha = 1.0
     # gamma at the start. The reference code starts at 1, but with unit-norm projections and
     # unit ETF columns the logits then stay within about +-sqrt(K), too little for the two-way

@@ -33,7 +33,7 @@ SAMPLINGS = ("class_aware", "uniform")
 SYNTHETIC_CLASSES = ("target", "pretrain")
 MODEL_NAMES = ("mlcnc", "baseline")
 ATTENTIONS = ("mha", "cosine")
-CLASSIFIERS = ("etf", "etf_trainable", "linear")
+CLASSIFIERS = ("etf", "etf_trainable", "linear", "text")
 DTYPES = ("float32", "bfloat16")
 PARALLEL = ("jit", "pmap")
 PROTOTYPES = ("previous_epoch", "cumulative")
@@ -210,6 +210,12 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         lambda attention, d, h: attention != "mha" or d % h == 0,
         "config.model.embed_dim = {1!r} and config.model.num_heads = {2!r}: with attention "
         "'mha', embed_dim must be divisible by num_heads",
+    )
+    check(
+        ("model.classifier", "model.text_embeddings"),
+        lambda classifier, path: classifier != "text" or bool(str(path).strip()),
+        "config.model.classifier = {0!r} needs config.model.text_embeddings = a .npy file of "
+        "the class text embeddings [K, d] (see the README, 'ViT and CLIP backbones')",
     )
     check(
         ("train.layer_decay", "model.backbone"),
