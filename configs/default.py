@@ -78,10 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlcnc"  # 'mlcnc' | 'baseline' (global pooling + linear classifier)
-    c.model.backbone = "resnet_small"  # resnet_small | resnet18 | resnet34 | resnet50 | resnet101
+    # resnet_small | resnet18 | resnet34 | resnet50 | resnet101 | vit_* | clip_vit_* |
+    # openclip_vit_* (models/vit.py; configs/voc_lt_clip.py) | any registered name
+    c.model.backbone = "resnet_small"
     # Backbone weights: a trunk file of this project (the default: the shipped trunk), a
-    # torchvision .safetensors/.pth file, or a workdir of this project; 'none' (or '') trains
-    # from scratch.
+    # torchvision .safetensors/.pth file, a CLIP image encoder (or whole CLIP) state dict for
+    # the clip_* / openclip_* backbones (.safetensors, or .pt/.pth with torch), or a workdir of
+    # this project; 'none' (or '') trains from scratch.
     c.model.pretrained = trunks.SYNTHETIC_PRETRAIN
     c.model.embed_dim = 128  # D (the paper: 768 for ResNet-50; smaller for the CPU backbone)
     c.model.proj_dim = 20

@@ -6,15 +6,16 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import ablations, coco_lt, custom, default, pretrain, voc_lt
+from configs import ablations, coco_lt, coco_lt_clip, custom, default, pretrain, voc_lt, voc_lt_clip
 from mlcnc_jax import config_checks
 
 
 def test_shipped_configs_are_valid():
-    for module in (default, coco_lt, voc_lt, custom, pretrain):
+    for module in (default, coco_lt, voc_lt, custom, pretrain, voc_lt_clip, coco_lt_clip):
         config_checks.validate(module.get_config())
     for name in ablations.VARIANTS:
         config_checks.validate(ablations.get_config(name))
+        config_checks.validate(ablations.get_config(f"{name},voc_lt_clip"))
 
 
 def test_one_error_names_every_bad_field_and_its_range():
