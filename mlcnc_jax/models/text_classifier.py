@@ -23,7 +23,8 @@ MAKE_TEXT_EMBEDDINGS = (
     "python -c \"import clip, numpy, torch; m, _ = clip.load('ViT-B/16', device='cpu'); "
     "names = [...]; t = clip.tokenize([f'a photo of a {n}' for n in names]); "
     "numpy.save('FILE.npy', m.encode_text(t).float().detach().numpy())\" "
-    "with names the dataset's class names in its class order (--mode=data_stats lists them)."
+    "with names the dataset's class names in its class order ('class_names' in the last "
+    "line of --mode=data_stats)."
 )
 
 
