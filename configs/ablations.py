@@ -1,8 +1,10 @@
 """Baselines and MLC-NC ablations, as `--config=configs/ablations.py:VARIANT[,BASE]`.
 
 VARIANT is one of the names in VARIANTS; BASE (default 'default') is the config
-file to start from: 'default' (built-in synthetic_lt), 'voc_lt' or 'coco_lt'.
-Example: --config=configs/ablations.py:bce_uniform,voc_lt
+file to start from: 'default' (built-in synthetic_lt), 'voc_lt', 'coco_lt', or their
+CLIP ViT-B/16 versions 'voc_lt_clip' and 'coco_lt_clip'.
+Example: --config=configs/ablations.py:bce_uniform,voc_lt or
+--config=configs/ablations.py:no_fpc,voc_lt_clip
 """
 
 import importlib

@@ -78,17 +78,25 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlcnc"  # 'mlcnc' | 'baseline' (global pooling + linear classifier)
-    c.model.backbone = "resnet_small"  # resnet_small | resnet18 | resnet34 | resnet50 | resnet101
+    # resnet_small | resnet18 | resnet34 | resnet50 | resnet101 | vit_* | clip_vit_* |
+    # openclip_vit_* (models/vit.py; configs/voc_lt_clip.py) | any registered name
+    c.model.backbone = "resnet_small"
     # Backbone weights: a trunk file of this project (the default: the shipped trunk), a
-    # torchvision .safetensors/.pth file, or a workdir of this project; 'none' (or '') trains
-    # from scratch.
+    # torchvision .safetensors/.pth file, a CLIP image encoder (or whole CLIP) state dict for
+    # the clip_* / openclip_* backbones (.safetensors, or .pt/.pth with torch), or a workdir of
+    # this project; 'none' (or '') trains from scratch.
     c.model.pretrained = trunks.SYNTHETIC_PRETRAIN
     c.model.embed_dim = 128  # D (the paper: 768 for ResNet-50; smaller for the CPU backbone)
     c.model.proj_dim = 20
     c.model.attention = "mha"  # 'mha' (reference code) | 'cosine' (paper text)
     c.model.num_heads = 8
     c.model.attention_dropout = 0.1
-    c.model.classifier = "etf"  # 'etf' (frozen) | 'etf_trainable' | 'linear'
+    # 'etf' (frozen) | 'etf_trainable' | 'linear' | 'text' (frozen, with the geometry of the
+    # class text embeddings in model.text_embeddings instead of the ETF's)
+    c.model.classifier = "etf"
+    # classifier='text': a .npy file of one text embedding per class, [K, d] float, in the
+    # dataset's class order (e.g. CLIP's of 'a photo of a {name}'; made outside this project).
+    c.model.text_embeddings = ""
     c.model.alpha = 1.0
     # gamma at the start. The reference code starts at 1, but with unit-norm projections and
     # unit ETF columns the logits then stay within about +-sqrt(K), too little for the two-way
@@ -121,9 +129,19 @@ def get_config() -> ml_collections.ConfigDict:
     # -1: an epoch of the sampler (class-aware: max_c n_c * K = 8,000 images here); the CPU
     # default uses shorter epochs (they set the prototype updates and the warm-up).
     c.train.steps_per_epoch = 30
+    # 'adam' (coupled L2, as torch.optim.Adam(weight_decay=...) and the reference code) |
+    # 'adamw' (decoupled decay, as torch.optim.AdamW)
     c.train.optimizer = "adam"
     c.train.learning_rate = 1e-3
-    c.train.weight_decay = 1e-4  # L2 on weights only (no biases, no 1-D parameters)
+    # On weights only (no biases, no 1-D parameters): 'adam' adds it to the gradient (L2),
+    # 'adamw' subtracts lr * weight_decay * w from the weights.
+    c.train.weight_decay = 1e-4
+    # The backbone's learning rate (and AdamW decay) relative to the head's; 0 freezes it.
+    c.train.backbone_lr_multiplier = 1.0
+    # ViT backbones only (1.0 = off): block i of L gets lr * layer_decay ** (L - i), the
+    # patch / class / positional embeddings and ln_pre layer_decay ** (L + 1), ln_post and
+    # proj the backbone's lr.
+    c.train.layer_decay = 1.0
     c.train.schedule = "one_cycle"  # 'one_cycle' | 'constant'
     c.train.warmup_fraction = 0.2
     c.train.ema_decay = 0.99  # 0.9997 (the recipe) averages over ~3,000 steps: longer than this run

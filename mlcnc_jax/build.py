@@ -31,7 +31,7 @@ from mlcnc_jax import (
     storage,
 )
 from mlcnc_jax.evaluation import Evaluator
-from mlcnc_jax.models import create_model, pretrained
+from mlcnc_jax.models import clip, create_model, make_backbone, pretrained, vit
 from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.state import Schedule, TrainState, create_train_state, init_variables, make_schedule
 from mlcnc_jax.trainer import Hook, Trainer
@@ -43,28 +43,66 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str:
     return "" if path.strip().lower() in ("", "none") else path
 
 
+def _clip_backbone(config: ml_collections.ConfigDict) -> vit.ViT | None:
+    # The configured backbone when it is a CLIP-layout ViT (CLIP's ln_pre, bias-free patch
+    # convolution): building the module is cheap (no weights) and covers registered ones.
+    try:
+        backbone = make_backbone(config.model.backbone)
+    except ValueError:
+        return None
+    if isinstance(backbone, vit.ViT) and backbone.ln_pre and not backbone.patch_bias:
+        return backbone
+    return None
+
+
 def check_pretrained_path(config: ml_collections.ConfigDict) -> None:
     """Fails at once, saying where the weights go, when config.model.pretrained is missing."""
     path = pretrained_path(config)
-    if path and not os.path.exists(os.path.expanduser(path)):
+    if not path or os.path.exists(os.path.expanduser(path)):
+        return
+    backbone = _clip_backbone(config)
+    if backbone is not None:
         raise FileNotFoundError(
-            f"Pretrained backbone weights not found: {path}. config.model.pretrained names either "
-            f"torchvision's ImageNet weights for {config.model.backbone} (.safetensors, or .pth with "
-            "torch installed; see README, 'Real benchmarks') or the workdir of a "
-            "configs/pretrain.py run (built-in data). Put them there, pass "
-            "--config.model.pretrained=PATH, or train from scratch with --config.model.pretrained=none."
+            clip.missing_weights_message(
+                os.path.expanduser(path), clip.architecture_of(backbone), config.model.backbone
+            )
+            + " Or train from scratch with --config.model.pretrained=none."
         )
+    raise FileNotFoundError(
+        f"Pretrained backbone weights not found: {path}. config.model.pretrained names either "
+        f"torchvision's ImageNet weights for {config.model.backbone} (.safetensors, or .pth with "
+        "torch installed; see README, 'Real benchmarks') or the workdir of a "
+        "configs/pretrain.py run (built-in data). Put them there, pass "
+        "--config.model.pretrained=PATH, or train from scratch with --config.model.pretrained=none."
+    )
 
 
-def load_pretrained(variables: dict, path: str) -> dict:
-    """Replaces the backbone weights: torchvision file, or a workdir of this project.
+def _is_vit(backbone_params: Any, backbone: nn.Module | None) -> bool:
+    if backbone is not None:
+        return isinstance(backbone, vit.ViT)
+    return "positional_embedding" in backbone_params and "conv1" in backbone_params
+
+
+def load_pretrained(variables: dict, path: str, backbone: nn.Module | None = None) -> dict:
+    """Replaces the backbone weights: torchvision or CLIP file, or a workdir of this project.
 
     A workdir's latest checkpoint gives its backbone (e.g. a CPU backbone
-    pre-trained on other classes); a .safetensors / .pth file gives torchvision
-    ImageNet weights.
+    pre-trained on other classes); a trunk file of this project its backbone; for a
+    ViT backbone a file is a CLIP image encoder (`models.clip.load_clip_backbone`),
+    otherwise torchvision ImageNet weights (.safetensors / .pth).
+
+    Args:
+      variables: the model's freshly initialised variables.
+      path: the weights (config.model.pretrained).
+      backbone: the configured backbone module, so that a CLIP file's architecture is
+        checked against it (heads, ln_pre, patch bias: what shapes cannot show); without
+        it a ViT is recognised from its parameters.
     """
     path = os.path.expanduser(path)
     if not os.path.isdir(os.path.join(path, "checkpoints")):
+        target = variables["params"]["backbone"]
+        if pretrained.read_trunk(path) is None and _is_vit(target, backbone):
+            return clip.load_clip_backbone(path, variables, backbone)
         return pretrained.load_pretrained_backbone(path, variables)
     source_ckpt = checkpoint.Checkpointer(os.path.abspath(path), {})
     if source_ckpt.latest_step() is None:
@@ -73,16 +111,22 @@ def load_pretrained(variables: dict, path: str) -> dict:
         )
     saved = source_ckpt.restore_variables(check=False)
     variables = dict(variables)
+    mismatch = ValueError(
+        f"The backbone in {path} does not match config.model.backbone="
+        "(different architecture or width): pre-train with the same backbone."
+    )
     for collection in ("params", "batch_stats"):
-        target = variables[collection]["backbone"]
-        source = saved[collection]["backbone"]
+        # A backbone without batch statistics (a ViT) has none on either side.
+        target = variables.get(collection, {}).get("backbone")
+        source = (saved.get(collection) or {}).get("backbone")
+        if target is None and not source:
+            continue
+        if target is None or source is None:
+            raise mismatch
         if jax.tree.structure(target) != jax.tree.structure(source) or any(
             a.shape != b.shape for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(source))
         ):
-            raise ValueError(
-                f"The backbone in {path} does not match config.model.backbone="
-                "(different architecture or width): pre-train with the same backbone."
-            )
+            raise mismatch
         variables[collection] = {
             **variables[collection],
             "backbone": jax.tree.map(jnp.asarray, source),
@@ -112,7 +156,9 @@ def initial_train_state(
         example_input = jnp.zeros((1, size, size, 3), jnp.float32)
     variables = init_variables(model, example_input, init_rng)
     if pretrained_path(config):
-        variables = load_pretrained(variables, pretrained_path(config))
+        variables = load_pretrained(
+            variables, pretrained_path(config), backbone=getattr(model, "backbone", None)
+        )
     protos = None
     if config.model.name == "mlcnc":
         protos = prototypes.init_prototypes(num_classes, config.model.proj_dim)

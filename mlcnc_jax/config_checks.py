@@ -33,12 +33,14 @@ SAMPLINGS = ("class_aware", "uniform")
 SYNTHETIC_CLASSES = ("target", "pretrain")
 MODEL_NAMES = ("mlcnc", "baseline")
 ATTENTIONS = ("mha", "cosine")
-CLASSIFIERS = ("etf", "etf_trainable", "linear")
+CLASSIFIERS = ("etf", "etf_trainable", "linear", "text")
 DTYPES = ("float32", "bfloat16")
 PARALLEL = ("jit", "pmap")
 PROTOTYPES = ("previous_epoch", "cumulative")
 SCHEDULES = ("one_cycle", "constant")
-OPTIMIZERS = ("adam",)
+OPTIMIZERS = ("adam", "adamw")
+# The built-in backbones without transformer blocks, which train.layer_decay cannot apply to.
+RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_small")
 # Weights of the loss terms (config.loss); a weight of 0 switches its term off.
 LOSS_WEIGHTS = ("two_way", "bce", "focal", "asl", "db", "fla", "fpc")
 
@@ -106,6 +108,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.optimizer": _one_of(OPTIMIZERS),
     "train.learning_rate": _real(lambda v: v > 0, "a number > 0"),
     "train.weight_decay": _real(lambda v: v >= 0, "a number >= 0"),
+    "train.backbone_lr_multiplier": _real(lambda v: v >= 0, "a number >= 0 (0 freezes it)"),
+    "train.layer_decay": _real(lambda v: 0.0 < v <= 1.0, "a number in (0, 1] (1: off)"),
     "train.schedule": _one_of(SCHEDULES),
     "train.warmup_fraction": _real(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "train.ema_decay": _real(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
@@ -206,6 +210,19 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         lambda attention, d, h: attention != "mha" or d % h == 0,
         "config.model.embed_dim = {1!r} and config.model.num_heads = {2!r}: with attention "
         "'mha', embed_dim must be divisible by num_heads",
+    )
+    check(
+        ("model.classifier", "model.text_embeddings"),
+        lambda classifier, path: classifier != "text" or bool(str(path).strip()),
+        "config.model.classifier = {0!r} needs config.model.text_embeddings = a .npy file of "
+        "the class text embeddings [K, d] (see the README, 'ViT and CLIP backbones')",
+    )
+    check(
+        ("train.layer_decay", "model.backbone"),
+        lambda decay, backbone: decay == 1.0 or backbone not in RESNET_BACKBONES,
+        "config.train.layer_decay = {0!r} with config.model.backbone = {1!r}: layer decay "
+        "scales the lr per transformer block, and a ResNet has none (use a ViT / CLIP "
+        "backbone or train.layer_decay=1.0)",
     )
     check(
         ("train.schedule", "train.warmup_fraction"),

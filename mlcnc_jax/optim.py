@@ -1,4 +1,4 @@
-"""The optimizer: Adam with coupled L2, torch's one-cycle learning rate and beta1 cycle.
+"""The optimizer: Adam with coupled L2 or AdamW, torch's one-cycle learning rate and beta1 cycle.
 
 Everything here follows torch's formulas step for step, because the reference
 code (METHOD.md §6) trains with `torch.optim.Adam(weight_decay=1e-4)` and
@@ -18,12 +18,27 @@ code (METHOD.md §6) trains with `torch.optim.Adam(weight_decay=1e-4)` and
   ``weight_decay``, not AdamW), on every parameter of two or more dimensions
   except biases; the reference code also decays the 2-D per-class projection
   bias (its name lacks torch's ``.bias`` suffix): ``train.decay_2d_bias``.
+- **AdamW** (``train.optimizer='adamw'``): torch.optim.AdamW, the same Adam
+  direction with the decay decoupled, ``w <- w - lr (adam(g) + weight_decay w)``
+  on the same `decay_mask`.
+- **Learning-rate multipliers** (`lr_multipliers`), as torch parameter groups
+  with their own ``lr`` would give (decay included, as AdamW scales it by the
+  group's lr): the backbone's step times ``train.backbone_lr_multiplier`` (0
+  freezes it: no update, no optimizer state), and for a ViT backbone a layer-wise
+  decay ``train.layer_decay``: block i of L (``resblocks_i``, 0-based) gets
+  ``layer_decay ** (L - i)``, the patch, class and positional embeddings and
+  ``ln_pre`` ``layer_decay ** (L + 1)``, ``ln_post`` and ``proj`` 1. The head
+  keeps the schedule's lr; gamma's step is times ``train.logit_scale_lr_multiplier``.
+
+With the multipliers at 1 and ``optimizer='adam'`` the chain is exactly the one the
+recipe tests prove against torch (nothing is added to it).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,6 +55,13 @@ ADAM_BETA2 = 0.999
 ADAM_EPS = 1e-8
 
 SCHEDULES = ("one_cycle", "constant")
+OPTIMIZERS = ("adam", "adamw")
+
+# Where a ViT backbone's parameters sit in the layer decay (models/vit.py names): below the
+# first block, or above the last one.
+VIT_EMBEDDINGS = ("conv1", "class_embedding", "positional_embedding", "ln_pre")
+VIT_TOP = ("ln_post", "proj")
+_BLOCK = re.compile(r"^resblocks_(\d+)$")
 
 
 def one_cycle_schedule(
@@ -203,14 +225,134 @@ def _logit_scale_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_scale, params)
 
 
+def _key(entry: Any) -> str:
+    return str(getattr(entry, "key", entry))
+
+
+def _is_backbone(path: tuple) -> bool:
+    return len(path) > 1 and _key(path[0]) == "backbone"
+
+
+def layer_decay_exponents(backbone_params: Any) -> dict[str, int]:
+    """The layer-decay exponent of each top-level entry of a ViT backbone's params.
+
+    Args:
+      backbone_params: params['backbone'] of a ViT (`models/vit.py` names:
+        conv1, class_embedding, positional_embedding, ln_pre, resblocks_0 ..
+        resblocks_{L-1}, ln_post, proj).
+
+    Returns:
+      {name: e}: the entry's learning rate is multiplied by layer_decay ** e; L - i
+      for resblocks_i, L + 1 for the embeddings and ln_pre, 0 for ln_post and proj.
+
+    Raises:
+      ValueError: if the backbone has no transformer blocks (layer decay needs them), or
+        an entry that is neither a block nor a known ViT parameter.
+    """
+    names = [str(k) for k in backbone_params]
+    blocks = sorted(int(m.group(1)) for n in names if (m := _BLOCK.match(n)))
+    if not blocks:
+        raise ValueError(
+            "train.layer_decay != 1 scales the learning rate per transformer block, but the "
+            f"backbone has no blocks (resblocks_0, resblocks_1, ...; its parameters: "
+            f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}). Use a ViT backbone "
+            "(vit_* or clip_*) or set train.layer_decay=1.0."
+        )
+    depth = len(blocks)
+    if blocks != list(range(depth)):
+        raise ValueError(f"ViT blocks are not numbered 0..{depth - 1}: {blocks}")
+    exponents = {}
+    for name in names:
+        if m := _BLOCK.match(name):
+            exponents[name] = depth - int(m.group(1))
+        elif name in VIT_EMBEDDINGS:
+            exponents[name] = depth + 1
+        elif name in VIT_TOP:
+            exponents[name] = 0
+        else:
+            raise ValueError(
+                f"train.layer_decay: the backbone parameter {name!r} is neither a transformer "
+                f"block nor one of {VIT_EMBEDDINGS + VIT_TOP}; its depth is unknown."
+            )
+    return exponents
+
+
+def lr_multipliers(params: Any, backbone_lr_multiplier: float, layer_decay: float) -> Any:
+    """The factor of each parameter's learning rate (the module docstring gives the rule).
+
+    Args:
+      params: the model's params, the backbone under params['backbone'].
+      backbone_lr_multiplier: factor of every backbone parameter.
+      layer_decay: per-block decay for a ViT backbone (1: none).
+
+    Returns:
+      A pytree of Python floats with the structure of `params`: 1.0 outside the
+      backbone, backbone_lr_multiplier * layer_decay ** e inside it.
+
+    Raises:
+      ValueError: when a multiplier is set but params has no 'backbone', or layer decay
+        is asked of a backbone without transformer blocks.
+    """
+    if "backbone" not in params:
+        raise ValueError(
+            "train.backbone_lr_multiplier / train.layer_decay need the backbone's parameters "
+            "under params['backbone']; these params have none."
+        )
+    exponents = {}
+    if layer_decay != 1.0:
+        exponents = layer_decay_exponents(params["backbone"])
+
+    def factor(path, _):
+        if not _is_backbone(path):
+            return 1.0
+        return float(backbone_lr_multiplier) * float(layer_decay) ** exponents.get(_key(path[1]), 0)
+
+    return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def scale_by_lr_multipliers(
+    backbone_lr_multiplier: float, layer_decay: float
+) -> optax.GradientTransformation:
+    """Multiplies each update by its `lr_multipliers` factor (stateless).
+
+    Applied after the learning rate (and, for AdamW, after the decay), so that a
+    parameter's whole step is scaled, as a torch parameter group's lr scales it.
+    The factors are read from the tree's paths at trace time: constants of the step.
+    """
+
+    def factors(tree):
+        return lr_multipliers(tree, backbone_lr_multiplier, layer_decay)
+
+    def init_fn(params):
+        factors(params)  # an unsuitable backbone is reported before training starts
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        scaled = jax.tree.map(lambda u, m: u if m == 1.0 else u * m, updates, factors(updates))
+        return scaled, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _frozen_backbone_labels(params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if _is_backbone(path) else "trained", params
+    )
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, Callable]:
-    """Adam with coupled L2, the configured learning rate and beta1 schedules.
+    """Adam with coupled L2 or AdamW, the configured learning rate and beta1 schedules.
 
-    The update is ``-lr_t * adam(g + weight_decay * w)`` (torch.optim.Adam with
-    weight_decay), with L2 only where `decay_mask` says; the logit scale gamma's
-    step is multiplied by ``train.logit_scale_lr_multiplier``.
+    'adam': ``-lr_t * adam(g + weight_decay * w)`` (torch.optim.Adam with
+    weight_decay); 'adamw': ``-lr_t * (adam(g) + weight_decay * w)``
+    (torch.optim.AdamW); the decay only where `decay_mask` says. The logit scale
+    gamma's step is multiplied by ``train.logit_scale_lr_multiplier``, the
+    backbone's by ``train.backbone_lr_multiplier`` and, per block of a ViT, by
+    ``train.layer_decay`` (see `lr_multipliers`); a backbone multiplier of 0
+    freezes the backbone (its updates are zero and Adam keeps no moments for it).
 
     Args:
       config: the experiment config (section `train`).
@@ -220,16 +362,29 @@ def create_optimizer(
       (optimizer, learning-rate schedule).
     """
     t = config.train
-    if t.optimizer != "adam":
-        raise ValueError(f"Unknown train.optimizer {t.optimizer!r}: use 'adam'.")
+    if t.optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown train.optimizer {t.optimizer!r}: use one of {OPTIMIZERS}.")
+    if t.backbone_lr_multiplier < 0 or not 0.0 < t.layer_decay <= 1.0:
+        raise ValueError(
+            "train.backbone_lr_multiplier must be >= 0 and train.layer_decay in (0, 1]; got "
+            f"{t.backbone_lr_multiplier} and {t.layer_decay}."
+        )
     schedule = lr_schedule(config, total_steps)
-    parts = [
-        optax.add_decayed_weights(
-            t.weight_decay, mask=functools.partial(decay_mask, decay_2d_bias=t.decay_2d_bias)
-        ),
-        scale_by_torch_adam(beta1_schedule(config, total_steps)),
-        optax.scale_by_learning_rate(schedule),
-    ]
+    decay = optax.add_decayed_weights(
+        t.weight_decay, mask=functools.partial(decay_mask, decay_2d_bias=t.decay_2d_bias)
+    )
+    adam = scale_by_torch_adam(beta1_schedule(config, total_steps))
+    # Coupled L2 enters Adam with the gradient; AdamW's decay bypasses Adam's scaling.
+    parts = [decay, adam] if t.optimizer == "adam" else [adam, decay]
+    parts.append(optax.scale_by_learning_rate(schedule))
     if t.logit_scale_lr_multiplier != 1.0:
         parts.append(optax.masked(optax.scale(t.logit_scale_lr_multiplier), _logit_scale_mask))
-    return optax.chain(*parts), schedule
+    frozen = t.backbone_lr_multiplier == 0.0
+    if (t.backbone_lr_multiplier != 1.0 and not frozen) or t.layer_decay != 1.0:
+        parts.append(scale_by_lr_multipliers(t.backbone_lr_multiplier, t.layer_decay))
+    tx = optax.chain(*parts)
+    if frozen:
+        tx = optax.multi_transform(
+            {"trained": tx, "frozen": optax.set_to_zero()}, _frozen_backbone_labels
+        )
+    return tx, schedule

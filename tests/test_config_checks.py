@@ -6,15 +6,16 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import ablations, coco_lt, custom, default, pretrain, voc_lt
+from configs import ablations, coco_lt, coco_lt_clip, custom, default, pretrain, voc_lt, voc_lt_clip
 from mlcnc_jax import config_checks
 
 
 def test_shipped_configs_are_valid():
-    for module in (default, coco_lt, voc_lt, custom, pretrain):
+    for module in (default, coco_lt, voc_lt, custom, pretrain, voc_lt_clip, coco_lt_clip):
         config_checks.validate(module.get_config())
     for name in ablations.VARIANTS:
         config_checks.validate(ablations.get_config(name))
+        config_checks.validate(ablations.get_config(f"{name},voc_lt_clip"))
 
 
 def test_one_error_names_every_bad_field_and_its_range():
@@ -57,7 +58,9 @@ def test_one_error_names_every_bad_field_and_its_range():
         ("parallel", "pjit", "'pmap'"),
         ("loss.prototypes", "ema", "'cumulative'"),
         ("train.schedule", "cosine", "'one_cycle'"),
-        ("train.optimizer", "sgd", "'adam'"),
+        ("train.optimizer", "sgd", "'adam', 'adamw'"),
+        ("train.layer_decay", 0.0, "(0, 1]"),
+        ("train.backbone_lr_multiplier", -1.0, ">= 0"),
         ("train.batch_size", 0, ">= 1"),
         ("eval.batch_size", 0, ">= 1"),
         ("train.num_epochs", 0, ">= 1"),
@@ -92,7 +95,7 @@ def test_relations_between_fields():
 
 
 def test_allowed_values_match_the_modules_that_use_them():
-    from mlcnc_jax import models, prototypes
+    from mlcnc_jax import models, optim, prototypes
     from mlcnc_jax.data import pipeline, sources
     from mlcnc_jax.models import mlcnc
 
@@ -103,6 +106,9 @@ def test_allowed_values_match_the_modules_that_use_them():
     assert config_checks.ATTENTIONS == mlcnc.ATTENTIONS
     assert config_checks.CLASSIFIERS == mlcnc.CLASSIFIERS
     assert config_checks.PROTOTYPES == prototypes.MODES
+    assert config_checks.OPTIMIZERS == optim.OPTIMIZERS
+    assert config_checks.SCHEDULES == optim.SCHEDULES
+    assert config_checks.RESNET_BACKBONES == models.resnet.BACKBONES
     # Every loss weight and every rule names a declared field.
     keys = set(config_checks.flatten_keys(default.get_config()))
     assert {k for k in config_checks._RULES} <= keys

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from mlcnc_jax.models import resnet, vit
+from mlcnc_jax.models import resnet, text_classifier, vit
 from mlcnc_jax.models.mlcnc import ATTENTIONS, CLASSIFIERS, MLCNC, Baseline
 from mlcnc_jax.models.resnet import ResNet, get_backbone
 
@@ -107,7 +107,9 @@ def create_model(
         An `MLCNC` or `Baseline` module.
 
     Raises:
-        ValueError: for an unknown model name, backbone, dtype, attention or classifier.
+        ValueError: for an unknown model name, backbone, dtype, attention or classifier,
+            or text embeddings (classifier='text') of the wrong shape.
+        FileNotFoundError: for classifier='text' without its text-embeddings file.
     """
     m = config.model
     if config.dtype not in DTYPES:
@@ -125,6 +127,16 @@ def create_model(
         raise ValueError(
             f"unknown model.classifier {m.classifier!r}; valid: {', '.join(CLASSIFIERS)}"
         )
+    text = None
+    if m.classifier == "text":
+        # d must be the backbone's image-text width when it has one (a CLIP ViT's proj).
+        embeddings = text_classifier.load_text_embeddings(
+            m.text_embeddings,
+            num_classes,
+            dataset=config.data.name,
+            joint_dim=getattr(backbone, "output_dim", None),
+        )
+        text = tuple(tuple(row) for row in embeddings.tolist())
     return MLCNC(
         backbone=backbone,
         num_classes=num_classes,
@@ -138,5 +150,6 @@ def create_model(
         logit_scale_init=m.logit_scale_init,
         etf_seed=m.etf_seed,
         param_init=m.param_init,
+        text_embeddings=text,
         dtype=dtype,
     )

@@ -69,12 +69,31 @@ _BLOCK_LEAVES = {
     "mlp.c_proj.bias",
 }
 
-# Where the released weights of each architecture come from, for the missing-file message.
+# Where the released weights of each architecture come from, for the missing-file message:
+# OpenAI's file name and URL (CLIP's clip.py; the URL's last folder is the file's sha256).
+_OPENAI = "https://openaipublic.azureedge.net/clip/models"
 _KNOWN_FILES = {
-    (768, 16, 224): "OpenAI's ViT-B-16.pt or open_clip's ViT-B-16 open_clip_model.safetensors",
-    (768, 32, 224): "OpenAI's ViT-B-32.pt or open_clip's ViT-B-32 open_clip_model.safetensors",
-    (1024, 14, 224): "OpenAI's ViT-L-14.pt or open_clip's ViT-L-14 open_clip_model.safetensors",
-    (1024, 14, 336): "OpenAI's ViT-L-14-336px.pt",
+    (768, 16, 224): (
+        "ViT-B-16.pt",
+        f"{_OPENAI}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+        "ViT-B-16",
+    ),
+    (768, 32, 224): (
+        "ViT-B-32.pt",
+        f"{_OPENAI}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+        "ViT-B-32",
+    ),
+    (1024, 14, 224): (
+        "ViT-L-14.pt",
+        f"{_OPENAI}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+        "ViT-L-14",
+    ),
+    (1024, 14, 336): (
+        "ViT-L-14-336px.pt",
+        f"{_OPENAI}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/"
+        "ViT-L-14-336px.pt",
+        None,
+    ),
 }
 
 
@@ -109,19 +128,42 @@ class ClipVisionArch:
         )
 
 
-def _missing_file_message(path: str, arch: ClipVisionArch | None) -> str:
-    where = "a CLIP image encoder"
+def missing_weights_message(path: str, arch: ClipVisionArch | None, backbone: str = "") -> str:
+    """What to put at `path` for a CLIP backbone, where to get it and how to convert it.
+
+    Args:
+        path: the missing weights file.
+        arch: the configured backbone's architecture (None: unknown).
+        backbone: the configured backbone's name (config.model.backbone), for the message.
+
+    Returns:
+        The message of the FileNotFoundError.
+    """
+    what = "a CLIP image encoder"
+    source = "a .pt file"
     if arch is not None:
+        named = f" {backbone}" if backbone else ""
+        what = f"the CLIP ViT of the backbone{named} ({arch.describe()})"
         known = _KNOWN_FILES.get((arch.width, arch.patch_size, arch.image_size))
-        where = f"the CLIP ViT for this backbone ({arch.describe()})"
         if known:
-            where += f", e.g. {known}"
+            name, url, open_clip_name = known
+            what += f": OpenAI's {name} ({url})"
+            if open_clip_name:
+                what += f" or open_clip's {open_clip_name} open_clip_model.safetensors"
+            source = name
     return (
-        f"CLIP weights not found: {path}. Put {where} there: the state dict of a full "
-        "CLIP model (keys 'visual.*') or of its visual tower alone, as .safetensors, or as "
-        "the released .pt / a .pth / .bin when torch is installed. Weights are never "
-        "downloaded at run time."
+        f"CLIP weights not found: {path}. Put there {what}: the state dict of a full CLIP model "
+        "(keys 'visual.*') or of its visual tower alone, as .safetensors, or as the released "
+        ".pt / a .pth / .bin when torch is installed. To make the .safetensors once (needs "
+        'torch): python -c "import torch, safetensors.torch as s; '
+        f"m = torch.jit.load('{source}', map_location='cpu'); "
+        "s.save_file({k: v.float().contiguous() for k, v in m.state_dict().items() "
+        f"if k.startswith('visual.')}}, '{path}')\". Weights are never downloaded at run time."
     )
+
+
+def _missing_file_message(path: str, arch: ClipVisionArch | None) -> str:
+    return missing_weights_message(path, arch)
 
 
 def _torch_state_dict(path: str) -> Mapping[str, Any]:

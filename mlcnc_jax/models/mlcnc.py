@@ -2,7 +2,9 @@
 
 Frozen structures live in the variable collection 'etf', never in 'params':
 `etf/label_embedding` [K, D] (the ETF label vectors, queries of the cross-attention)
-and, for classifier='etf', `etf/classifier` [K*p, K] (the binarized ETF classifier).
+and, for classifier='etf', `etf/classifier` [K*p, K] (the binarized ETF classifier);
+for classifier='text', `etf/classifier` [K*p, K] holds the class text embeddings
+instead, placed with their own pairwise cosines (`etf.gram_frame`).
 Initialise with `model.init(rngs, x, train=False)` and pass the whole variable dict
 to `apply`; take gradients with respect to `variables['params']` only.
 """
@@ -12,11 +14,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mlcnc_jax.etf import simplex_etf
+from mlcnc_jax.etf import gram_frame, simplex_etf
 
 ATTENTIONS = ("mha", "cosine")
-CLASSIFIERS = ("etf", "etf_trainable", "linear")
+CLASSIFIERS = ("etf", "etf_trainable", "linear", "text")
 PARAM_INITS = ("flax", "torch")
 
 # Temperature of the parameter-free cosine attention: softmax(cos / T) over tokens.
@@ -62,8 +65,13 @@ class MLCNC(nn.Module):
         attention_dropout: dropout rate on the 'mha' attention weights (train only,
             rng stream 'dropout').
         classifier: 'etf' (frozen ETF, in collection 'etf'), 'etf_trainable' (ETF
-            initialisation, in 'params') or 'linear' (learned per-class weight and bias
-            on each class's own projection).
+            initialisation, in 'params'), 'linear' (learned per-class weight and bias
+            on each class's own projection) or 'text' (frozen, in collection 'etf': the
+            ETF's place and shape [K*p, K], with the Gram matrix of `text_embeddings`
+            instead of the ETF's, placed by the same seeded basis; `etf.gram_frame`).
+        text_embeddings: classifier='text' only: the K L2-normalised class text
+            embeddings [K, d] as nested tuples (hashable, like every attribute); any d
+            (only their inner products enter the classifier).
         alpha: scale applied to the positive entries of the class features.
         logit_scale_init: initial value of the learned logit scale gamma.
         etf_seed: seed of both ETF constructions.
@@ -90,6 +98,7 @@ class MLCNC(nn.Module):
     logit_scale_init: float = 1.0
     etf_seed: int = 0
     param_init: str = "flax"
+    text_embeddings: tuple[tuple[float, ...], ...] | None = None
     dtype: Any = jnp.float32
 
     def _check(self) -> None:
@@ -99,6 +108,14 @@ class MLCNC(nn.Module):
             raise ValueError(f"unknown attention {self.attention!r}; valid: {ATTENTIONS}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"unknown classifier {self.classifier!r}; valid: {CLASSIFIERS}")
+        if self.classifier == "text" and (
+            self.text_embeddings is None or len(self.text_embeddings) != self.num_classes
+        ):
+            rows = None if self.text_embeddings is None else len(self.text_embeddings)
+            raise ValueError(
+                f"classifier 'text' needs text_embeddings with one row per class "
+                f"({self.num_classes}); got {rows} rows"
+            )
         if self.attention == "mha" and self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
@@ -211,8 +228,14 @@ class MLCNC(nn.Module):
         def etf_init():
             return jnp.asarray(simplex_etf(k, k * p, self.etf_seed))
 
+        def text_init():
+            text = np.asarray(self.text_embeddings, np.float32)
+            return jnp.asarray(gram_frame(text, k * p, self.etf_seed))
+
         if self.classifier == "etf":
             v = self.variable("etf", "classifier", etf_init).value
+        elif self.classifier == "text":
+            v = self.variable("etf", "classifier", text_init).value
         elif self.classifier == "etf_trainable":
             v = self.param("classifier", lambda _: etf_init())
         if self.classifier == "linear":
