@@ -42,6 +42,7 @@ PATH_FIELDS = (
     "data.test_annotations",
     "data.test_images",
     "data.train_split_file",
+    "model.text_embeddings",
 )
 
 # Fields (or whole sections, ending in '.') a resumed run may change freely: why each leaves
