@@ -237,11 +237,13 @@ def run(
         import jax
 
         if jax.process_count() > 1:
-            parallel.watch_for_failures()
+            stop_watching = parallel.watch_for_failures()
             try:
-                return _run(config, workdir, mode, hooks, wrap_batches, resume, overrides)
+                results = _run(config, workdir, mode, hooks, wrap_batches, resume, overrides)
             except BaseException as e:  # noqa: BLE001 - every failure must end all processes
                 parallel.end_all_processes(e)
+            stop_watching()  # before any distributed shutdown
+            return results
     return _run(config, workdir, mode, hooks, wrap_batches, resume, overrides)
 
 

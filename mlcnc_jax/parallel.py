@@ -14,6 +14,7 @@ Two ways to run the one pure train step data-parallel:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -80,7 +81,7 @@ def _client():
     return distributed.global_state.client
 
 
-def watch_for_failures(interval_s: float = _WATCH_INTERVAL_S) -> None:
+def watch_for_failures(interval_s: float = _WATCH_INTERVAL_S) -> Callable[[], None]:
     """Ends this process as soon as another process of the run reports a failure.
 
     A process that fails while the others wait in a collective (a barrier, an
@@ -89,6 +90,10 @@ def watch_for_failures(interval_s: float = _WATCH_INTERVAL_S) -> None:
     failure to the coordination service's key-value store; this daemon thread
     polls it and, when it appears, prints which process failed and why, then
     exits with code 1.
+
+    Returns:
+      A function that stops the watch (call it before JAX's distributed shutdown:
+      the store must not be polled while it is torn down).
     """
     import sys
     import threading
@@ -96,12 +101,12 @@ def watch_for_failures(interval_s: float = _WATCH_INTERVAL_S) -> None:
 
     client = _client()
     if client is None:
-        return
+        return lambda: None
     me = jax.process_index()
+    stopped = threading.Event()
 
     def watch() -> None:
-        while True:
-            time.sleep(interval_s)
+        while not stopped.wait(interval_s):
             message = _reported_failure(client)
             if message is None or message.startswith(f"process {me} failed"):
                 continue  # nothing yet, or this process's own report (it is exiting)
@@ -112,7 +117,14 @@ def watch_for_failures(interval_s: float = _WATCH_INTERVAL_S) -> None:
                 time.sleep(_SERVICE_GRACE_S)
             _exit_now()
 
-    threading.Thread(target=watch, name="mlcnc_jax-failure-watch", daemon=True).start()
+    thread = threading.Thread(target=watch, name="mlcnc_jax-failure-watch", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopped.set()
+        thread.join()
+
+    return stop
 
 
 def end_all_processes(error: BaseException) -> None:
