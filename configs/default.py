@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     # synthetic_lt generation.
     c.data.synthetic_seed = 0
     c.data.synthetic_classes = "target"  # 'target' (the 20 LT classes) | 'pretrain' (20 others)
+    # The 'target' train split: 'planned' (the hand-made long tail) | 'dbloss' (the long-tailed
+    # split builder of COCO-LT / VOC-LT over a balanced pool with more objects per image).
+    c.data.synthetic_train_split = "planned"
     # csv: what separates class names in the label field (' ' = any whitespace; another
     # character, e.g. ';' or '|', lets class names hold spaces; ',' also takes several fields).
     c.data.label_separator = " "

@@ -9,7 +9,7 @@ from PIL import Image
 
 from configs import default
 from mlcnc_jax.data import dataset as dataset_lib
-from mlcnc_jax.data import synthetic
+from mlcnc_jax.data import lt_builder, synthetic
 
 
 def _config(root, classes="target", image_size=64, seed=0):
@@ -115,6 +115,33 @@ def test_train_plan_hits_profile_for_any_seed(seed):
     groups = dataset_lib.class_groups(labels.sum(0))
     assert [len(groups[g]) for g in ("head", "medium", "tail")] == [6, 6, 8]
     assert labels.sum(1).min() >= 1 and labels.sum(1).max() <= 4
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dbloss_train_split_is_the_builders_long_tail_of_a_balanced_pool(seed):
+    labels = synthetic.split_labels("target", seed, "train", "dbloss")
+    # The same images as lt_builder picks from the pool, written here from its parts.
+    pool = synthetic.plan_anchored_labels(
+        20, synthetic.DBLOSS_POOL_PER_CLASS, seed, 7006, extra_p=synthetic.DBLOSS_EXTRA_P
+    )
+    assert pool.sum(0).min() >= synthetic.DBLOSS_POOL_PER_CLASS  # balanced before the cut
+    keep = lt_builder.build_long_tail(pool, synthetic.DBLOSS_MAX_COUNT, min_count=4, seed=seed)
+    np.testing.assert_array_equal(labels, pool[keep])
+    # A VOC-LT-sized long tail with every group present, unlike the planned split's labels.
+    counts = labels.sum(0)
+    assert 900 <= len(labels) <= 1300
+    assert counts.max() >= 20 * counts.min() and counts.min() >= 4
+    groups = dataset_lib.class_groups(counts)
+    assert all(len(groups[g]) >= 4 for g in ("head", "medium", "tail"))
+    assert labels.sum(1).mean() > synthetic.plan_train_labels(20, seed).sum(1).mean() + 0.1
+    # Its test split is the planned one of the seed; its builder config has its own name.
+    np.testing.assert_array_equal(
+        synthetic.split_labels("target", seed, "test", "dbloss"),
+        synthetic.split_labels("target", seed, "test"),
+    )
+    assert synthetic.make_config("target", 32, seed, "dbloss").name.endswith("_dbloss")
+    with pytest.raises(ValueError, match="train_split"):
+        synthetic.make_config("pretrain", 32, seed, "dbloss")
 
 
 def test_pretrain_classes_disjoint_and_balanced(tmp_path):

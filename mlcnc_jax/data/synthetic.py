@@ -9,6 +9,10 @@ cluttered backgrounds. Two class sets exist:
   The train split is long-tailed like VOC-LT (about 1,100 images; 6 head, 6
   medium and 8 tail classes, tail classes co-occurring with head classes); the
   test split is nearly balanced (120 images anchored on each class).
+  A second training split of the same classes, `train_split='dbloss'`, comes from the
+  long-tailed split builder (lt_builder.py, the protocol that made COCO-LT and VOC-LT)
+  applied to a balanced pool with more objects per image, so that a verdict on the
+  built-in data does not hang on one hand-made split.
 * 'pretrain': 20 other classes (letters and other shapes, never digits), balanced
   and larger (10,000 train images), to pre-train a CPU backbone the way ImageNet
   pre-training precedes the real benchmarks.
@@ -99,6 +103,17 @@ MAX_OVERLAP = 0.1
 PLACEMENT_TRIES = 30
 DISTRACTORS = (0, 3)
 NOISE_MAX = 6.0
+# train_split='dbloss': a balanced pool of DBLOSS_POOL_PER_CLASS images anchored on each
+# class, with more objects per image than the test split (its own object mix), cut to a
+# long tail by lt_builder.build_long_tail (Pareto profile from DBLOSS_MAX_COUNT down to
+# DBLOSS_MIN_COUNT images, the first-ranked class largest).
+TRAIN_SPLITS = ("planned", "dbloss")
+# With these values: about 1,100 images (seed 0: 1,094; 6/7/7 head/medium/tail; 1.84
+# objects per image against the planned split's 1.58).
+DBLOSS_POOL_PER_CLASS = 1000
+DBLOSS_EXTRA_P = (0.3, 0.35, 0.25, 0.1)
+DBLOSS_MAX_COUNT = 1500
+DBLOSS_MIN_COUNT = 4
 _SPLIT_CODES = {"train": 1, "test": 2}
 
 
@@ -171,6 +186,25 @@ def plan_train_labels(num_classes: int, seed: int) -> np.ndarray:
     for i, j in enumerate(order):
         labels[i, rows[j]] = 1
     return labels
+
+
+def plan_dbloss_train_labels(num_classes: int, seed: int) -> np.ndarray:
+    """Label matrix of the 'dbloss' train split: lt_builder's long tail of a balanced pool.
+
+    Args:
+      num_classes: K.
+      seed: plan seed (of the pool and of the builder's random choices).
+
+    Returns:
+      [N, K] uint8 multi-hot labels, the selected pool images in pool order.
+    """
+    from mlcnc_jax.data import lt_builder
+
+    pool = plan_anchored_labels(
+        num_classes, DBLOSS_POOL_PER_CLASS, seed, 7006, extra_p=DBLOSS_EXTRA_P
+    )
+    keep = lt_builder.build_long_tail(pool, DBLOSS_MAX_COUNT, min_count=DBLOSS_MIN_COUNT, seed=seed)
+    return pool[keep]
 
 
 def plan_anchored_labels(
@@ -468,23 +502,29 @@ class SyntheticLtConfig(tfds.core.BuilderConfig):
       classes: 'target' (the long-tailed benchmark) or 'pretrain' (20 other classes).
       image_size: side of the square images, pixels.
       seed: generation seed.
+      train_split: 'planned' (the hand-made long tail) or 'dbloss' (lt_builder's, 'target').
     """
 
     classes: str = "target"
     image_size: int = 64
     seed: int = 0
+    train_split: str = "planned"
 
 
-def make_config(classes: str = "target", image_size: int = 64, seed: int = 0) -> SyntheticLtConfig:
-    """The builder config for a class set, image size and seed (registered ones reused).
+def make_config(
+    classes: str = "target", image_size: int = 64, seed: int = 0, train_split: str = "planned"
+) -> SyntheticLtConfig:
+    """The builder config for a class set, image size, seed and train split (registered reused).
 
     Args:
       classes: 'target' or 'pretrain'.
       image_size: image side in pixels (>= 16).
       seed: generation seed.
+      train_split: 'planned' or 'dbloss' (the 'target' classes only).
 
     Returns:
-      A `SyntheticLtConfig` named '<classes>_<size>' (seed 0) or '<classes>_<size>_seed<seed>'.
+      A `SyntheticLtConfig` named '<classes>_<size>' (seed 0) or '<classes>_<size>_seed<seed>',
+      with '_dbloss' appended for that train split.
     """
     if classes not in CLASS_SETS:
         raise ValueError(
@@ -492,7 +532,13 @@ def make_config(classes: str = "target", image_size: int = 64, seed: int = 0) ->
         )
     if int(image_size) < 16:
         raise ValueError(f"synthetic_lt image_size must be >= 16 pixels, got {image_size}")
+    if train_split not in TRAIN_SPLITS or (train_split != "planned" and classes != "target"):
+        raise ValueError(
+            f"synthetic_lt train_split must be one of {TRAIN_SPLITS} ('dbloss' for the 'target' "
+            f"classes only), got {train_split!r} for {classes!r}"
+        )
     name = f"{classes}_{int(image_size)}" + (f"_seed{int(seed)}" if int(seed) else "")
+    name += "" if train_split == "planned" else f"_{train_split}"
     for config in SyntheticLt.BUILDER_CONFIGS:
         if config.name == name:
             return config
@@ -501,7 +547,8 @@ def make_config(classes: str = "target", image_size: int = 64, seed: int = 0) ->
         classes=classes,
         image_size=int(image_size),
         seed=int(seed),
-        description=f"{classes} classes, {image_size} px, seed {seed}",
+        train_split=train_split,
+        description=f"{classes} classes, {image_size} px, seed {seed}, {train_split} train split",
     )
 
 
@@ -562,21 +609,22 @@ class SyntheticLt(tfds.core.GeneratorBasedBuilder):
         from mlcnc_jax import console
 
         cfg = self.builder_config
-        images = generate(cfg.classes, cfg.image_size, cfg.seed, split)
-        total = len(split_labels(cfg.classes, cfg.seed, split))
+        images = generate(cfg.classes, cfg.image_size, cfg.seed, split, train_split=cfg.train_split)
+        total = len(split_labels(cfg.classes, cfg.seed, split, cfg.train_split))
         with console.bar(total, f"generating {cfg.name} {split}", unit="image") as live:
             for key, png, labels in images:
                 yield key, {"image": io.BytesIO(png), "labels": labels, "id": key}
                 live.update(1)
 
 
-def split_labels(classes: str, seed: int, split: str) -> np.ndarray:
+def split_labels(classes: str, seed: int, split: str, train_split: str = "planned") -> np.ndarray:
     """The planned [N, K] labels of one split (cheap: nothing is rendered).
 
     Args:
       classes: 'target' or 'pretrain'.
       seed: generation seed.
       split: 'train' or 'test'.
+      train_split: 'planned' or 'dbloss' (which long tail the 'target' train split is).
 
     Returns:
       [N, K] uint8 multi-hot labels, in image order.
@@ -584,6 +632,8 @@ def split_labels(classes: str, seed: int, split: str) -> np.ndarray:
     k = len(CLASS_SETS[classes])
     if classes == "target":
         if split == "train":
+            if train_split == "dbloss":
+                return plan_dbloss_train_labels(k, seed)
             return plan_train_labels(k, seed)
         return plan_anchored_labels(k, TEST_PER_CLASS, seed, 7002)
     per_class = PRETRAIN_TRAIN_PER_CLASS if split == "train" else PRETRAIN_TEST_PER_CLASS
@@ -593,7 +643,12 @@ def split_labels(classes: str, seed: int, split: str) -> np.ndarray:
 
 
 def generate(
-    classes: str, image_size: int, seed: int, split: str, indices: Sequence[int] | None = None
+    classes: str,
+    image_size: int,
+    seed: int,
+    split: str,
+    indices: Sequence[int] | None = None,
+    train_split: str = "planned",
 ) -> Iterator[tuple[str, bytes, np.ndarray]]:
     """Renders one split: yields (id, PNG bytes, [K] uint8 labels) per image.
 
@@ -606,8 +661,9 @@ def generate(
       seed: generation seed.
       split: 'train' or 'test'.
       indices: render only these images of the split (default: all, in order).
+      train_split: 'planned' or 'dbloss'.
     """
-    labels = split_labels(classes, seed, split)
+    labels = split_labels(classes, seed, split, train_split)
     renderer = _Renderer(classes, image_size, seed)
     for i in range(len(labels)) if indices is None else indices:
         row = labels[i]
@@ -618,9 +674,17 @@ def generate(
 # ----------------------------------------------------------------------------- loading
 
 
-def builder(classes: str, image_size: int, seed: int, data_dir: str | os.PathLike) -> SyntheticLt:
+def builder(
+    classes: str,
+    image_size: int,
+    seed: int,
+    data_dir: str | os.PathLike,
+    train_split: str = "planned",
+) -> SyntheticLt:
     """The `synthetic_lt` builder for these parameters, storing under data_dir."""
-    return SyntheticLt(config=make_config(classes, image_size, seed), data_dir=os.fspath(data_dir))
+    return SyntheticLt(
+        config=make_config(classes, image_size, seed, train_split), data_dir=os.fspath(data_dir)
+    )
 
 
 def _read_split(ds_builder: SyntheticLt, split: str) -> dataset_lib.Split:
@@ -644,7 +708,8 @@ def load(config) -> dataset_lib.MultiLabelDataset:
 
     Args:
       config: the project ConfigDict; reads data.root, data.image_size,
-        data.synthetic_seed, data.synthetic_classes, data.head_min, data.tail_max.
+        data.synthetic_seed, data.synthetic_classes, data.synthetic_train_split,
+        data.head_min, data.tail_max.
 
     Returns:
       The dataset with 'train' and 'test' splits; class_split from the training counts.
@@ -655,7 +720,13 @@ def load(config) -> dataset_lib.MultiLabelDataset:
             f"config.data.synthetic_classes must be 'target' or 'pretrain', got {classes!r}"
         )
     root = pathlib.Path(os.path.expanduser(config.data.root))
-    ds_builder = builder(classes, config.data.image_size, config.data.synthetic_seed, root)
+    ds_builder = builder(
+        classes,
+        config.data.image_size,
+        config.data.synthetic_seed,
+        root,
+        config.data.synthetic_train_split,
+    )
     if not ds_builder.is_prepared():
         print(
             f"Generating synthetic_lt/{ds_builder.builder_config.name} into {ds_builder.data_dir} ...",
