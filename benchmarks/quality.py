@@ -1,25 +1,34 @@
 """Quality benchmark: MLC-NC against baselines and ablations on the built-in `synthetic_lt`.
 
-Protocol (the paper's, scaled to a 2-core CPU):
+Protocol (the paper's, scaled to a 2-core CPU); every run fine-tunes the shipped trunk
+(mlcnc_jax/trunks/: pre-trained on 20 *other* classes, the stand-in for ImageNet) with the
+default config's data, model and schedule (configs/default.py), changing only what a row
+changes:
 
-1. Pre-train the CPU backbone once on the balanced 'pretrain' classes of synthetic_lt
-   (20 other classes, never the target ones; configs/pretrain.py), the stand-in for
-   ImageNet pre-training. Cached under the cache directory; its cost is reported.
-2. Selection on a validation split carved from the long-tailed training split
-   (config.data.val_fraction), one seed: every variant's learning rate from a small
-   grid and, for MLC-NC, the initial logit scale (kept for the MLC-NC ablations).
+1. Selection on a validation split carved from the long-tailed training split
+   (config.data.val_fraction), seed 0, at the short budget: every row's learning rate
+   from a small grid and, for MLC-NC, the initial logit scale (kept for the ablations).
    The test split is never looked at here.
-3. Every variant with its chosen settings on the full training split with three seeds
-   (the data set stays the same; the seed changes initialisation, sampling and
-   augmentation), evaluated on the test split.
+2. The chosen settings on the full training split, evaluated on the test split:
+   - part 'main': MLC-NC, BCE class-aware, BCE uniform (and the best other baseline by
+     validation mAP, when the 'baselines' part's selection has run), 5 seeds, at a short
+     and at a long budget;
+   - part 'ablations': the MLC-NC ablations, 3 seeds, long budget;
+   - part 'baselines': the other baselines (focal, ASL, DB-focal, two-way; each with
+     class-aware and uniform sampling), 3 seeds, long budget.
+   The data set stays the same; the seed changes initialisation, sampling and augmentation.
+3. Differences of MLC-NC minus the best sampler-matched baseline with a 95 % Welch
+   interval, neural-collapse measures, and a verdict per claim of the paper.
 
-Every run has the same budget (steps, batch, image size). Finished runs are cached as
-one JSON file each, so an interrupted benchmark continues where it stopped. Writes
-quality.md (tables, commands, machine), quality.json and quality.png to --out.
+Runs are spread over `--workers` processes, each pinned to one core (on 2 cores two
+single-threaded runs side by side do 1.26x the work of one run on both). Finished runs are
+cached as one JSON file each, so an interrupted benchmark continues where it stopped and a
+later invocation with more parts reuses the runs it shares. Writes quality.md (tables,
+verdict, commands, machine), quality.json and quality.png to --out.
 
-    python -m benchmarks.quality                   # the full benchmark (< 60 min, 2 cores)
-    python -m benchmarks.quality --quick           # end-to-end smoke test (~2-3 min)
-    python -m benchmarks.quality --variants mlcnc,bce_aware --seeds 0,1
+    python -m benchmarks.quality --parts main          # the main rows (~75 min, 2 cores)
+    python -m benchmarks.quality                       # every part
+    python -m benchmarks.quality --quick               # end-to-end smoke test (~3 min)
 """
 
 from __future__ import annotations
@@ -37,277 +46,323 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from absl import logging
 
 from benchmarks import common
 from benchmarks.common import ROOT
-from configs import ablations, pretrain
+from configs import ablations
 from mlcnc_jax.groups import COLOURS, GROUPS
 
-METRICS = ("total", "head", "medium", "tail", "nc1", "nc2", "mean_angle")
+METRICS = ("total", *GROUPS, "nc1", "nc2", "mean_angle")
 FINDINGS_BEGIN = "<!-- findings: kept when the script rewrites this file -->"
 FINDINGS_END = "<!-- end of findings -->"
 
 
 @dataclasses.dataclass(frozen=True)
-class Budget:
-    """What every fine-tuning run gets (the same for all variants)."""
+class Protocol:
+    """Budgets, seeds and grids (the same for every row)."""
 
-    steps: int = 100  # total optimisation steps of one fine-tuning run
-    epochs: int = 10  # steps are split into this many 'epochs' (prototype updates, warm-up unit)
-    warmup_epochs: int = 1  # MLC-NC's FLA-only warm-up, in those epochs
-    batch_size: int = 64
-    image_size: int = 32
-    resize_size: int = 36
-    embed_dim: int = 128
-    proj_dim: int = 20
-    pretrain_epochs: int = 6  # of the balanced 10,000-image 'pretrain' set (157 steps each)
-    pretrain_lr: float = 3e-3
+    short_steps: int = 120  # 10 'epochs' of 12 steps
+    long_steps: int = 360  # the default run's 10 x 36
+    epochs: int = 10  # the steps form this many epochs (prototype updates, FLA warm-up unit)
+    main_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    other_seeds: tuple[int, ...] = (0, 1, 2)
     val_fraction: float = 0.25
-    # Smallest area of the random resized crop (config.data.crop_min_area; torchvision: 0.08,
-    # which mostly misses the small objects of the built-in images while their labels stay).
-    crop_min_area: float = 0.5
     lr_grid: tuple[float, ...] = (1e-3, 3e-3)
-    logit_scale_grid: tuple[float, ...] = (1.0, 8.0, 16.0)
+    logit_scale_grid: tuple[float, ...] = (8.0, 16.0)
 
 
-QUICK = Budget(
-    steps=20,
-    epochs=4,
-    warmup_epochs=1,
-    pretrain_epochs=1,
+QUICK = Protocol(
+    short_steps=10,
+    long_steps=20,
+    epochs=2,
+    main_seeds=(0,),
+    other_seeds=(0,),
     lr_grid=(1e-3,),
-    logit_scale_grid=(1.0, 16.0),
+    logit_scale_grid=(16.0,),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One row of the benchmark.
-
-    Attributes:
-      name: row name.
-      base: entry of configs/ablations.VARIANTS it starts from.
-      pretrained: fine-tune from the pre-trained backbone (else from scratch).
-      description: what the row is.
-    """
+    """One row: `name` is an entry of configs/ablations.VARIANTS."""
 
     name: str
-    base: str
-    pretrained: bool
     description: str
 
     @property
     def is_mlcnc(self) -> bool:
-        return ablations.VARIANTS[self.base].get("model.name", "mlcnc") == "mlcnc"
+        return ablations.VARIANTS[self.name].get("model.name", "mlcnc") == "mlcnc"
+
+    @property
+    def sampling(self) -> str:
+        return ablations.VARIANTS[self.name].get("data.sampling", "class_aware")
 
 
-def _baselines() -> list[Variant]:
-    names = {
-        "bce": "BCE",
-        "focal": "focal",
-        "asl": "ASL",
-        "db": "DB-focal",
-        "two_way": "two-way loss alone",
-    }
-    rows = []
-    for loss, label in names.items():
-        for sampling, text in (("aware", "class-aware"), ("uniform", "uniform")):
-            rows.append(
-                Variant(
-                    f"{loss}_{sampling}",
-                    f"{loss}_{sampling}",
-                    True,
-                    f"plain model (global pooling, linear classifier), {label}, {text} sampling",
-                )
-            )
-    return rows
-
-
-VARIANT_LIST = [
-    Variant("mlcnc", "mlcnc", True, "MLC-NC (default config), class-aware sampling"),
-    Variant("no_fla", "no_fla", True, "MLC-NC without FLA (and without its warm-up)"),
-    Variant("no_fpc", "no_fpc", True, "MLC-NC without FPC"),
-    Variant("linear_classifier", "linear_classifier", True, "MLC-NC, linear classifier"),
-    Variant("trainable_etf", "trainable_etf", True, "MLC-NC, trainable ETF classifier"),
-    *_baselines(),
-    Variant("scratch_mlcnc", "mlcnc", False, "MLC-NC from scratch (no pre-training)"),
-    Variant("scratch_bce_aware", "bce_aware", False, "BCE, class-aware, from scratch"),
+_LOSSES = {"bce": "BCE", "focal": "focal", "asl": "ASL", "db": "DB-focal", "two_way": "two-way"}
+_SAMPLERS = {"aware": "class-aware", "uniform": "uniform"}
+BASELINES = [
+    Variant(f"{loss}_{s}", f"plain model (global pooling, linear classifier), {label}, {text}")
+    for loss, label in _LOSSES.items()
+    for s, text in _SAMPLERS.items()
 ]
-VARIANTS = {v.name: v for v in VARIANT_LIST}
-QUICK_VARIANTS = ("mlcnc", "bce_aware", "no_fla")
+ABLATIONS = [
+    Variant("no_fla", "MLC-NC without FLA (and its warm-up)"),
+    Variant("no_fpc", "MLC-NC without FPC"),
+    Variant("linear_classifier", "MLC-NC, trainable linear classifier instead of the ETF"),
+    Variant("trainable_etf", "MLC-NC, ETF-initialised classifier left trainable"),
+    Variant("cumulative_prototypes", "MLC-NC, prototypes accumulated over the whole run"),
+    Variant("cosine_attention", "MLC-NC, parameter-free cosine attention (the paper's text)"),
+]
+MLCNC = Variant("mlcnc", "MLC-NC (default config), class-aware")
+VARIANTS = {v.name: v for v in [MLCNC, *BASELINES, *ABLATIONS]}
+MAIN = ("mlcnc", "bce_aware", "bce_uniform")
+OTHER_BASELINES = tuple(v.name for v in BASELINES if v.name not in MAIN)
+PARTS = ("main", "ablations", "baselines", "second_split")
+# The second, independent check: the same classes with another generation seed, the training
+# split made by the long-tailed split builder (lt_builder.py) over a balanced pool with more
+# objects per image, and its own test split.
+SECOND_SPLIT = {"data.synthetic_seed": 1, "data.synthetic_train_split": "dbloss"}
+BUDGET_TITLES = {
+    "long": "long budget",
+    "short": "short budget",
+    "second": "second split (synthetic_seed 1, lt_builder's long tail), long budget",
+}
 
 
 # ----------------------------------------------------------------------------- configs
 
 
-def _set(config, key: str, value: Any) -> None:
-    section, field = key.split(".")
-    setattr(config[section], field, value)
-
-
-def base_config(budget: Budget, data_root: str):
-    """The config every fine-tuning run starts from (before the variant's overrides)."""
-    c = ablations.get_config("mlcnc")
-    c.data.root = data_root
-    c.data.image_size = budget.image_size
-    c.data.resize_size = budget.resize_size
-    c.data.crop_min_area = budget.crop_min_area
-    c.model.backbone = "resnet_small"
-    c.model.embed_dim = budget.embed_dim
-    c.model.proj_dim = budget.proj_dim
-    c.train.batch_size = budget.batch_size
-    c.eval.batch_size = 256
-    c.train.num_epochs = budget.epochs
-    c.train.steps_per_epoch = max(1, budget.steps // budget.epochs)
-    c.loss.warmup_epochs = budget.warmup_epochs
-    # Evaluate and checkpoint once, at the end; EMA decay sized to the short runs.
-    c.train.eval_every_epochs = 10**6
-    c.train.checkpoint_every_steps = 10**9
-    c.train.keep_checkpoints = 1
-    c.train.log_every_steps = 50
-    c.train.ema_decay = 0.99
-    return c
-
-
 def run_config(
-    variant: Variant,
-    budget: Budget,
+    name: str,
+    steps: int,
+    protocol: Protocol,
     *,
     data_root: str,
-    pretrained_dir: str,
     lr: float,
     logit_scale: float,
     seed: int,
     validation: bool,
+    second_split: bool = False,
 ):
-    """The full config of one run of `variant`."""
-    c = base_config(budget, data_root)
-    for key, value in ablations.VARIANTS[variant.base].items():
-        if key == "loss.warmup_epochs" and value:
-            continue  # the benchmark sizes the warm-up to its own epochs
-        _set(c, key, value)
-    c.model.pretrained = pretrained_dir if variant.pretrained else ""
+    """The full config of one run: configs/default.py with the row's and the run's changes."""
+    c = ablations.get_config(name)
+    for key, value in (SECOND_SPLIT if second_split else {}).items():
+        section, field = key.split(".")
+        setattr(c[section], field, value)
+    c.data.root = data_root
+    c.train.num_epochs = protocol.epochs
+    c.train.steps_per_epoch = max(1, steps // protocol.epochs)
+    # One evaluation and one checkpoint, at the end.
+    c.train.eval_every_epochs = 10**6
+    c.train.checkpoint_every_steps = 10**9
+    c.train.keep_checkpoints = 1
+    c.train.log_every_steps = 50
     c.train.learning_rate = float(lr)
-    if variant.is_mlcnc:
+    if VARIANTS[name].is_mlcnc:
         c.model.logit_scale_init = float(logit_scale)
     c.seed = int(seed)
-    c.data.val_fraction = budget.val_fraction if validation else 0.0
+    c.data.val_fraction = protocol.val_fraction if validation else 0.0
     return c
 
 
-def pretrain_config(budget: Budget, data_root: str):
-    c = pretrain.get_config()
-    c.data.root = data_root
-    c.data.image_size = budget.image_size
-    c.data.resize_size = budget.resize_size
-    c.data.crop_min_area = budget.crop_min_area
-    c.train.num_epochs = budget.pretrain_epochs
-    c.train.eval_every_epochs = budget.pretrain_epochs
-    c.train.learning_rate = budget.pretrain_lr
-    return c
+# What shapes a run besides its config (set by main): the version of the generated data and
+# the trunk's hash, so that a change of either retrains instead of reusing stale runs.
+_SALT: dict[str, str | None] = {"synthetic_lt": None, "trunk": None}
 
 
-# What shapes a run besides its config (set by main): the version of the generated data, so a
-# change of synthetic_lt retrains instead of reusing stale runs.
-_SALT = {"synthetic_lt": None}
+# Config fields added after runs were cached, with their value then: left out of the key at
+# that value, so that the cached runs stay valid.
+_ADDED_FIELDS = {("data", "synthetic_train_split"): "planned"}
 
 
 def config_hash(config) -> str:
     """Short hash of the config and of the settings outside it: the key of a cached run."""
-    text = config.to_json(sort_keys=True) + json.dumps(_SALT, sort_keys=True)
+    fields = json.loads(config.to_json())
+    for (section, field), value in _ADDED_FIELDS.items():
+        if fields.get(section, {}).get(field, value) == value:
+            fields.get(section, {}).pop(field, None)
+    text = json.dumps(fields, sort_keys=True) + json.dumps(_SALT, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 # ----------------------------------------------------------------------------- runs
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One training run: a tag, its config and the key of its cache file.
+
+    The key is made where the job is (in the main process, which knows the salt).
+    """
+
+    tag: str
+    config: Any
+    key: str = ""
+
+    @classmethod
+    def of(cls, tag: str, config) -> Job:
+        return cls(tag, config, f"{tag}_{config_hash(config)}")
+
+
+def _cache_path(cache_dir: str, job: Job) -> str:
+    return os.path.join(cache_dir, "runs", f"{job.key}.json")
+
+
+def execute(job: Job, cache_dir: str) -> dict:
+    """Trains and evaluates one run in this process, caching the result as JSON."""
+    from mlcnc_jax import build
+
+    config = job.config
+    path = _cache_path(cache_dir, job)
+    workdir = os.path.join(cache_dir, "work", os.path.basename(path)[: -len(".json")])
+    shutil.rmtree(workdir, ignore_errors=True)  # a killed run restarts from scratch
+    start = time.perf_counter()
+    try:
+        results, error = build.train_and_evaluate(config, workdir), None
+    except FloatingPointError as e:  # a diverged run is a result (of a bad setting)
+        results, error = None, str(e).splitlines()[0]
+    result = {"tag": job.tag, "config_hash": job.key.rsplit("_", 1)[1]}
+    result["seconds"] = time.perf_counter() - start
+    result["load_average"] = os.getloadavg()[0]
+    if results is None:
+        nan = float("nan")
+        result.update(
+            map={k: nan for k in ("total", *GROUPS)},
+            map_ema={k: nan for k in ("total", *GROUPS)},
+            neural_collapse={k: nan for k in ("nc1", "nc2", "mean_angle", "etf_angle")},
+            error=error,
+        )
+    else:
+        result.update(
+            map=results["raw"]["map"],
+            map_ema=results["ema"]["map"],
+            neural_collapse=results["raw"]["neural_collapse"],
+        )
+    shutil.rmtree(workdir, ignore_errors=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(common.to_json(result), f, indent=1)
+    os.replace(tmp, path)
+    return result
+
+
+def _worker_init(cache_dir: str, queue) -> None:
+    """A worker process: one core, XLA single-threaded, its console output in a log file."""
+    core = queue.get()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    )
+    log = open(os.path.join(cache_dir, f"worker_{core}.log"), "a", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    _setup_jax(cache_dir)
+
+
+def _setup_jax(cache_dir: str) -> None:
+    import jax
+    from absl import logging
+
+    # Runs of the same shapes share compiled code.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    logging.set_verbosity(logging.WARNING)
+
+
 class Runner:
-    """Runs trainings in this process and caches each finished run as a JSON file."""
+    """Runs jobs (cached, or in `workers` processes pinned to one core each)."""
 
-    def __init__(self, cache_dir: str):
+    def __init__(self, cache_dir: str, workers: int, deadline: float | None = None):
         self.cache_dir = cache_dir
-        self.runs_dir = os.path.join(cache_dir, "runs")
-        os.makedirs(self.runs_dir, exist_ok=True)
+        self.deadline = deadline  # time.time() after which no run starts
+        self.workers = max(1, workers)
+        os.makedirs(os.path.join(cache_dir, "runs"), exist_ok=True)
+        self._pool = None
+        self.ran_seconds = 0.0
 
-    def run(self, tag: str, config, *, keep_workdir: bool = False) -> dict:
-        """Trains and evaluates `config` (or returns its cached result).
-
-        Args:
-          tag: readable prefix of the cache file and workdir.
-          config: the run's config.
-          keep_workdir: keep the checkpoints (the pre-trained backbone); else deleted.
-
-        Returns:
-          {'tag', 'config_hash', 'map', 'neural_collapse', 'map_ema', 'seconds', 'logit_scale'}.
-        """
-        from mlcnc_jax import build
-
-        key = f"{tag}_{config_hash(config)}"
-        path = os.path.join(self.runs_dir, key + ".json")
+    def _cached(self, job: Job) -> dict | None:
+        path = _cache_path(self.cache_dir, job)
         if os.path.exists(path):
             with open(path) as f:
-                result = json.load(f)
-            print(f"[cached] {tag}: {_fmt(result)}", flush=True)
-            return result
-        workdir = os.path.join(self.cache_dir, "work", key)
-        shutil.rmtree(workdir, ignore_errors=True)  # a killed run restarts from scratch
-        start = time.perf_counter()
-        try:
-            results = build.train_and_evaluate(config, workdir)
-            error = None
-        except FloatingPointError as e:  # a diverged run is a result (of a bad setting)
-            results, error = None, str(e).splitlines()[0]
-        seconds = time.perf_counter() - start
-        result = {"tag": tag, "config_hash": config_hash(config), "seconds": seconds}
-        if results is None:
-            nan = float("nan")
-            result.update(
-                map={k: nan for k in ("total", *GROUPS)},
-                map_ema={k: nan for k in ("total", *GROUPS)},
-                neural_collapse={k: nan for k in ("nc1", "nc2", "mean_angle", "etf_angle")},
-                error=error,
-            )
-        else:
-            result.update(
-                map=results["raw"]["map"],
-                map_ema=results["ema"]["map"],
-                neural_collapse=results["raw"]["neural_collapse"],
-            )
-            result["logit_scale"] = _final_logit_scale(workdir)
-        if keep_workdir:
-            result["workdir"] = workdir
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(_jsonable(result), f, indent=1)
-        os.replace(tmp, path)
-        print(f"[{seconds:5.1f}s] {tag}: {_fmt(result)}", flush=True)
-        return result
-
-
-def _final_logit_scale(workdir: str) -> float | None:
-    """The last logged value of the learned logit scale gamma (MLC-NC runs), from the summaries."""
-    try:
-        import tensorflow as tf
-
-        value = None
-        for name in sorted(os.listdir(workdir)):
-            if not name.startswith("events.out.tfevents"):
-                continue
-            for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
-                for v in event.summary.value:
-                    if v.tag == "train/logit_scale":
-                        value = float(tf.make_ndarray(v.tensor))
-        return value
-    except Exception:  # the summaries are a nicety: never fail a finished run over them
+                return json.load(f)
         return None
 
+    def run_all(self, jobs: Sequence[Job]) -> list[dict | None]:
+        """Results of `jobs`, in order; the ones not cached run, `workers` at a time.
 
-_jsonable = common.to_json
+        A job not started before the runner's deadline is skipped (its result is None).
+        """
+        results: list[dict | None] = [self._cached(j) for j in jobs]
+        todo = [i for i, r in enumerate(results) if r is None]
+        print(f"{len(jobs)} runs: {len(jobs) - len(todo)} cached, {len(todo)} to run", flush=True)
+        done = 0
+
+        def report(result: dict) -> None:
+            nonlocal done
+            done += 1
+            self.ran_seconds += result["seconds"]
+            print(
+                f"[{done}/{len(todo)} {result['seconds']:4.0f}s] {result['tag']}: {_fmt(result)}",
+                flush=True,
+            )
+
+        def time_left() -> bool:
+            return self.deadline is None or time.time() < self.deadline
+
+        if self.workers == 1:
+            _setup_jax(self.cache_dir)
+            for i in todo:
+                if time_left():
+                    results[i] = execute(jobs[i], self.cache_dir)
+                    report(results[i])
+            return results
+        import concurrent.futures
+
+        pool = self._get_pool()
+        pending = list(todo)
+        running: dict[concurrent.futures.Future, int] = {}
+        while pending or running:
+            while pending and len(running) < self.workers and time_left():
+                i = pending.pop(0)
+                running[pool.submit(execute, jobs[i], self.cache_dir)] = i
+            if not running:
+                break  # the deadline passed: the rest is skipped
+            finished, _ = concurrent.futures.wait(
+                running, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in finished:
+                i = running.pop(future)
+                results[i] = future.result()
+                report(results[i])
+        skipped = sum(r is None for r in results)
+        if skipped:
+            print(f"{skipped} runs skipped: past the deadline", flush=True)
+        return results
+
+    def _get_pool(self):
+        import concurrent.futures
+        import multiprocessing
+
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            cores = ctx.Queue()
+            available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+            for k in range(self.workers):
+                cores.put(available[k % len(available)] if available else k)
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers,
+                mp_context=ctx,
+                initializer=_worker_init,
+                initargs=(self.cache_dir, cores),
+            )
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def _num(x: Any) -> float:
@@ -317,125 +372,158 @@ def _num(x: Any) -> float:
 def _fmt(result: dict) -> str:
     m = result["map"]
     text = " ".join(f"{k} {_num(m[k]):.1f}" for k in ("total", *GROUPS))
-    if result.get("logit_scale") is not None:
-        text += f" | gamma {result['logit_scale']:.2f}"
-    if result.get("error"):
-        text += f" | {result['error']}"
-    return text
+    return text + (f" | {result['error']}" if result.get("error") else "")
 
 
 # ----------------------------------------------------------------------------- protocol
 
 
-def pretrain_backbone(runner: Runner, budget: Budget, data_root: str) -> tuple[str, dict]:
-    """Pre-trains (or finds) the backbone; returns its workdir and the run's record."""
-    config = pretrain_config(budget, data_root)
-    tag = "pretrain"
-    key = f"{tag}_{config_hash(config)}"
-    workdir = os.path.join(runner.cache_dir, "work", key)
-    cached = os.path.join(runner.runs_dir, key + ".json")
-    if os.path.exists(cached) and not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        os.remove(cached)  # the record outlived its checkpoint: pre-train again
-    result = runner.run(tag, config, keep_workdir=True)
-    if result.get("error"):
-        raise RuntimeError(f"Pre-training diverged: {result['error']}")
-    return workdir, result
+def _val_tag(name: str, lr: float, scale: float | None) -> str:
+    return f"val_{name}_lr{lr:g}" + (f"_g{scale:g}" if scale is not None else "")
 
 
-def select(
-    runner: Runner,
-    variants: Sequence[Variant],
-    budget: Budget,
-    *,
-    data_root: str,
-    pretrained_dir: str,
-) -> dict[str, dict]:
-    """Chooses each variant's learning rate (and MLC-NC's logit scale) on the validation split.
+def select(runner: Runner, names: Sequence[str], protocol: Protocol, data_root: str) -> dict:
+    """Each row's learning rate (and MLC-NC's logit scale) by validation total mAP.
 
-    MLC-NC's (lr, initial logit scale) grid runs first; its chosen scale is then used by
-    every other MLC-NC-family row, which chooses its own learning rate.
+    MLC-NC's (lr, logit scale) grid runs with the other rows' lr grids; the MLC-NC
+    ablations use MLC-NC's chosen scale and choose their own lr.
 
     Returns:
-      {variant: {'lr', 'logit_scale', 'val_map', 'grid': [{'lr', 'logit_scale', 'val_map', ...}]}}.
+      {name: {'lr', 'logit_scale', 'val_map', 'grid': [{'lr', 'logit_scale', 'val_map'}]}}.
     """
-    chosen: dict[str, dict] = {}
 
-    def grid(variant: Variant, scales: Sequence[float]) -> dict:
-        points = []
+    def grid_jobs(name: str, scales: Sequence[float | None]) -> list[tuple[Job, float, Any]]:
+        out = []
         for scale in scales:
-            for lr in budget.lr_grid:
-                config = run_config(
-                    variant,
-                    budget,
+            for lr in protocol.lr_grid:
+                c = run_config(
+                    name,
+                    protocol.short_steps,
+                    protocol,
                     data_root=data_root,
-                    pretrained_dir=pretrained_dir,
                     lr=lr,
-                    logit_scale=scale,
+                    logit_scale=scale or 1.0,
                     seed=0,
                     validation=True,
                 )
-                tag = f"val_{variant.name}_lr{lr:g}" + (f"_g{scale:g}" if variant.is_mlcnc else "")
-                r = runner.run(tag, config)
-                points.append(
-                    {
-                        "lr": lr,
-                        "logit_scale": scale if variant.is_mlcnc else None,
-                        "val_map": r["map"],
-                        "final_logit_scale": r.get("logit_scale"),
-                        "seconds": r["seconds"],
-                    }
-                )
-        # Validation total mAP decides; a diverged point (NaN) never wins.
-        best = max(points, key=lambda p: np.nan_to_num(_num(p["val_map"]["total"]), nan=-1.0))
+                out.append((Job.of(_val_tag(name, lr, scale), c), lr, scale))
+        return out
+
+    def choose(points: list[tuple[Job, float, Any]], results: list[dict]) -> dict:
+        grid = [
+            {"lr": lr, "logit_scale": scale, "val_map": r["map"], "seconds": r["seconds"]}
+            for (_, lr, scale), r in zip(points, results)
+        ]
+        # A diverged point (NaN) never wins; ties go to the earlier grid point.
+        best = max(grid, key=lambda p: np.nan_to_num(_num(p["val_map"]["total"]), nan=-1.0))
         return {
             "lr": best["lr"],
             "logit_scale": best["logit_scale"],
             "val_map": best["val_map"],
-            "grid": points,
+            "grid": grid,
         }
 
-    mlcnc_scale = budget.logit_scale_grid[0]
-    if any(v.is_mlcnc for v in variants):
-        chosen["mlcnc"] = grid(VARIANTS["mlcnc"], budget.logit_scale_grid)
-        mlcnc_scale = chosen["mlcnc"]["logit_scale"]
-    for variant in variants:
-        if variant.name in chosen:
-            continue
-        chosen[variant.name] = grid(variant, [mlcnc_scale])
-    return {v.name: chosen[v.name] for v in variants}
+    chosen: dict[str, dict] = {}
+    # First MLC-NC's grid and the plain rows' (they do not depend on each other) ...
+    first = {
+        n: grid_jobs(n, protocol.logit_scale_grid if n == "mlcnc" else [None])
+        for n in names
+        if n == "mlcnc" or not VARIANTS[n].is_mlcnc
+    }
+    if any(VARIANTS[n].is_mlcnc for n in names):
+        first.setdefault("mlcnc", grid_jobs("mlcnc", protocol.logit_scale_grid))
+    flat = [p for points in first.values() for p in points]
+    results = runner.run_all([p[0] for p in flat])
+    k = 0
+    for n, points in first.items():
+        chosen[n] = choose(points, results[k : k + len(points)])
+        k += len(points)
+    # ... then the ablations at MLC-NC's chosen scale.
+    rest = [n for n in names if n not in chosen]
+    if rest:
+        scale = chosen["mlcnc"]["logit_scale"]
+        later = {n: grid_jobs(n, [scale]) for n in rest}
+        flat = [p for points in later.values() for p in points]
+        results = runner.run_all([p[0] for p in flat])
+        k = 0
+        for n, points in later.items():
+            chosen[n] = choose(points, results[k : k + len(points)])
+            k += len(points)
+    return chosen
 
 
-def final_runs(
-    runner: Runner,
-    variants: Sequence[Variant],
-    chosen: dict[str, dict],
-    budget: Budget,
+def final_jobs(
+    name: str,
+    sel: dict,
+    steps: int,
     seeds: Sequence[int],
-    *,
+    protocol: Protocol,
     data_root: str,
-    pretrained_dir: str,
-) -> dict[str, list[dict]]:
-    """Trains every variant with its chosen settings on the full train split, per seed."""
-    out: dict[str, list[dict]] = {}
-    for seed in seeds:  # seed-major: an early stop still leaves every variant with some seeds
-        for variant in variants:
-            sel = chosen[variant.name]
-            config = run_config(
-                variant,
-                budget,
-                data_root=data_root,
-                pretrained_dir=pretrained_dir,
-                lr=sel["lr"],
-                logit_scale=sel["logit_scale"] or 1.0,
-                seed=seed,
-                validation=False,
-            )
-            r = runner.run(f"test_{variant.name}_s{seed}", config)
-            out.setdefault(variant.name, []).append(r)
-    return out
+    budget: str,
+) -> list[Job]:
+    jobs = []
+    for seed in seeds:
+        c = run_config(
+            name,
+            steps,
+            protocol,
+            data_root=data_root,
+            lr=sel["lr"],
+            logit_scale=sel["logit_scale"] or 1.0,
+            seed=seed,
+            validation=False,
+            second_split=budget == "second",
+        )
+        jobs.append(Job.of(f"{budget}_{name}_s{seed}", c))
+    return jobs
 
 
-# ----------------------------------------------------------------------------- reports
+def best_other_baseline(chosen: dict) -> str | None:
+    """The other baseline with the highest validation total mAP (None if none was selected)."""
+    others = [n for n in OTHER_BASELINES if n in chosen]
+    if not others:
+        return None
+    return max(others, key=lambda n: np.nan_to_num(_num(chosen[n]["val_map"]["total"]), nan=-1))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def t_quantile_975(df: float) -> float:
+    """Student's t 97.5 % quantile at (possibly fractional, Welch) `df` degrees of freedom.
+
+    Bisection on the CDF, itself the integral of the density by Simpson's rule (no scipy).
+    """
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def upper_half(x: float) -> float:  # P(0 <= T <= x)
+        t = np.linspace(0.0, x, 2001)
+        pdf = np.exp(log_norm - (df + 1) / 2 * np.log1p(t * t / df))
+        h = x / 2000
+        return float(h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum()))
+
+    lo, hi = 0.0, 1.0
+    while upper_half(hi) < 0.475:
+        hi *= 2.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if upper_half(mid) < 0.475 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Mean of a minus mean of b, with the 95 % Welch interval (nan bounds for < 2 seeds)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    diff = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return {"diff": diff, "low": float("nan"), "high": float("nan"), "df": float("nan")}
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return {"diff": diff, "low": diff, "high": diff, "df": float("inf")}
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = t_quantile_975(df) * se
+    return {"diff": diff, "low": diff - half, "high": diff + half, "df": float(df)}
 
 
 def summarise(runs: Sequence[dict]) -> dict:
@@ -445,7 +533,7 @@ def summarise(runs: Sequence[dict]) -> dict:
         **{g: [r["map"][g] for r in runs] for g in GROUPS},
         **{k: [r["neural_collapse"][k] for r in runs] for k in ("nc1", "nc2", "mean_angle")},
     }
-    out = {}
+    out: dict[str, Any] = {}
     for name in METRICS:
         x = np.asarray([_num(v) for v in values[name]], np.float64)
         out[name] = {
@@ -454,39 +542,59 @@ def summarise(runs: Sequence[dict]) -> dict:
         }
     out["n_seeds"] = len(runs)
     out["seconds_per_run"] = float(np.mean([r["seconds"] for r in runs]))
-    scales = [r.get("logit_scale") for r in runs if r.get("logit_scale") is not None]
-    if scales:
-        out["final_logit_scale"] = float(np.mean(scales))
     return out
 
 
-machine = common.machine
+def verdict(interval: dict, what: str) -> str:
+    """A plain sentence on whether a 95 % interval of a difference excludes 0."""
+    if interval["low"] != interval["low"]:
+        return f"{what}: too few seeds for an interval."
+    d, lo, hi = interval["diff"], interval["low"], interval["high"]
+    span = f"{d:+.1f} points (95 % interval {lo:+.1f} to {hi:+.1f})"
+    if lo > 0:
+        return f"{what}: **yes**, {span}."
+    if hi < 0:
+        return f"{what}: **no, the opposite**, {span}."
+    return f"{what}: **not shown**, {span}: the interval includes 0."
 
 
-def plot(summary: dict[str, dict], path: str) -> None:
-    """Grouped bar chart of head / medium / tail mAP (mean ± std over seeds) per variant."""
+# ----------------------------------------------------------------------------- reports
+
+
+def plot(tables: dict[str, dict[str, dict]], path: str) -> None:
+    """Head / medium / tail mAP (mean ± std over seeds) per row, one panel per budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(summary)
-    x = np.arange(len(names))
+    budgets = [b for b in tables if tables[b]]
+    if not budgets:
+        return
     width = 0.27
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.75 * len(names) + 2), 4.5))
-    for i, g in enumerate(GROUPS):
-        means = [summary[n][g]["mean"] for n in names]
-        stds = [summary[n][g]["std"] for n in names]
-        ax.bar(x + (i - 1) * width, means, width, yerr=stds, capsize=2, label=g, color=COLOURS[g])
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=45, ha="right")
-    ax.set_ylabel("test mAP (%)")
-    n_seeds = max(s["n_seeds"] for s in summary.values())
-    ax.set_title(
-        f"synthetic_lt: head / medium / tail mAP per variant (mean ± std, {n_seeds} seeds)"
+    fig, axes = plt.subplots(
+        1,
+        len(budgets),
+        figsize=(sum(max(4.0, 0.7 * len(tables[b]) + 1.5) for b in budgets), 4.8),
+        squeeze=False,
     )
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+    for ax, budget in zip(axes[0], budgets):
+        summary = tables[budget]
+        names = list(summary)
+        x = np.arange(len(names))
+        for i, g in enumerate(GROUPS):
+            means = [summary[n][g]["mean"] for n in names]
+            stds = [summary[n][g]["std"] for n in names]
+            ax.bar(
+                x + (i - 1) * width, means, width, yerr=stds, capsize=2, label=g, color=COLOURS[g]
+            )
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=45, ha="right")
+        ax.set_ylabel("test mAP (%)")
+        ax.set_title(BUDGET_TITLES[budget].replace(", long budget", ""), fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle("synthetic_lt: head / medium / tail test mAP (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -494,259 +602,352 @@ def plot(summary: dict[str, dict], path: str) -> None:
 
 def _pm(stat: dict, digits: int = 1) -> str:
     mean, std = stat["mean"], stat["std"]
-    if mean != mean:
-        return "n/a"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return "n/a" if mean != mean else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _welch(a: Sequence[float], b: Sequence[float]) -> str:
-    """Difference of means with Welch's t statistic, as text."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    diff = a.mean() - b.mean()
-    if len(a) < 2 or len(b) < 2:
-        return f"{diff:+.1f}"
-    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
-    t = diff / se if se > 0 else float("inf") * np.sign(diff)
-    return f"{diff:+.1f} (Welch t = {t:.1f})"
+def _interval_text(i: dict) -> str:
+    if i["low"] != i["low"]:
+        return f"{i['diff']:+.1f}"
+    return f"{i['diff']:+.1f} [{i['low']:+.1f}, {i['high']:+.1f}]"
 
 
-def write_report(
-    out_dir: str,
-    *,
-    budget: Budget,
-    variants: Sequence[Variant],
-    chosen: dict[str, dict],
-    runs: dict[str, list[dict]],
-    pretrain_result: dict,
-    wall_seconds: float,
-    command: str,
-    run_seconds: float,
-) -> None:
+def _results_table(summary: dict[str, dict], chosen: dict) -> list[str]:
+    rows = []
+    for name, s in summary.items():
+        c = chosen[name]
+        gamma = f"{c['logit_scale']:g}" if c["logit_scale"] is not None else "–"
+        rows.append(
+            [
+                name,
+                f"{c['lr']:g}",
+                gamma,
+                _pm(s["total"]),
+                *(_pm(s[g]) for g in GROUPS),
+                _pm(s["nc1"], 2),
+                _pm(s["nc2"], 3),
+                _pm(s["mean_angle"]),
+                str(s["n_seeds"]),
+            ]
+        )
+    header = ["row", "lr", "γ₀", "total", *GROUPS, "NC1", "NC2", "mean angle (°)", "seeds"]
+    return [common.markdown_table(header, rows)]
+
+
+def compare(runs: dict[str, list[dict]], a: str, b: str) -> dict[str, dict]:
+    """Welch intervals of a minus b, for total and every group."""
+    return {
+        k: welch_interval(
+            [_num(r["map"][k]) for r in runs[a]], [_num(r["map"][k]) for r in runs[b]]
+        )
+        for k in ("total", *GROUPS)
+    }
+
+
+def write_report(out_dir: str, payload: dict, protocol: Protocol, command: str) -> None:
     """Writes quality.json, quality.png and quality.md (keeping the findings section)."""
     os.makedirs(out_dir, exist_ok=True)
-    summary = {v.name: summarise(runs[v.name]) for v in variants if runs.get(v.name)}
-    for name, s in summary.items():
-        s["learning_rate"] = chosen[name]["lr"]
-        if chosen[name]["logit_scale"] is not None:
-            s["logit_scale_init"] = chosen[name]["logit_scale"]
-        s["description"] = VARIANTS[name].description
-    payload = {
-        "dataset": "synthetic_lt (built-in, 'target' classes; test split for the table)",
-        "machine": machine(),
-        "command": command,
-        "budget": dataclasses.asdict(budget),
-        "wall_seconds": wall_seconds,
-        "run_seconds": run_seconds,
-        "pretrain": {
-            "seconds": pretrain_result["seconds"],
-            "test_map": pretrain_result["map"]["total"],
-        },
-        "selection": {
-            name: {
-                "learning_rate": c["lr"],
-                "logit_scale_init": c["logit_scale"],
-                "val_map_total": c["val_map"]["total"],
-                "grid": c["grid"],
-            }
-            for name, c in chosen.items()
-        },
-        "variants": summary,
-    }
     with open(os.path.join(out_dir, "quality.json"), "w") as f:
-        json.dump(_jsonable(payload), f, indent=1)
-    plot(summary, os.path.join(out_dir, "quality.png"))
-
-    b = budget
+        json.dump(common.to_json(payload), f, indent=1)
+    tables, chosen = payload["tables"], payload["selection"]
+    plot(tables, os.path.join(out_dir, "quality.png"))
+    p = protocol
     lines = [
         "# Quality: MLC-NC against baselines and ablations on `synthetic_lt`",
         "",
-        "Generated by `benchmarks/quality.py` (this file's findings section is kept when it reruns).",
+        "Generated by `python -m benchmarks.quality` (the findings section is kept when it reruns).",
         "",
         f"- Command: `{command}`",
-        f"- Machine: {machine()}",
-        f"- Cost: {run_seconds / 60:.1f} min for all the runs below (pre-training, selection, "
-        f"final; each timed end to end: data loading, compilation, training, evaluation); "
-        f"wall time of the invocation that wrote this file: {wall_seconds / 60:.1f} min "
-        "(less when earlier invocations had cached some runs).",
-        f"- Data: built-in `synthetic_lt` 'target' classes at {b.image_size} px (train 1,104 "
-        "images, 6/6/8 head/medium/tail classes; test 2,400 images, nearly balanced). "
-        "Every number below is ours, on this synthetic data, not on VOC-LT or COCO-LT.",
-        f"- Pre-training: the plain model (resnet_small, global pooling, linear classifier), BCE, "
-        f"uniform sampling, {b.pretrain_epochs} epoch(s) of the balanced 'pretrain' set (20 other "
-        f"classes, 10,000 images; never the target classes), lr {b.pretrain_lr:g}; done once, "
-        f"cached: {pretrain_result['seconds']:.0f} s, mAP {_num(pretrain_result['map']['total']):.1f} "
-        "on its own balanced test split. Every row except the `scratch_*` ones starts from it.",
-        f"- Budget of every fine-tuning run: {b.steps} steps of batch {b.batch_size} "
-        f"({b.steps * b.batch_size:,} samples; one class-aware epoch is 8,000), resnet_small, "
-        f"embed_dim {b.embed_dim}, p = {b.proj_dim}, Adam with one-cycle schedule (20 % warm-up), "
-        f"weight decay 1e-4; the steps form {b.epochs} 'epochs' (prototype updates), MLC-NC's "
-        f"FLA-only warm-up is {b.warmup_epochs} of them ({100 * b.warmup_epochs / b.epochs:.0f} % "
-        "of the steps). Raw weights are evaluated (the EMA is not used for the table).",
-        f"- Selection: on a validation split of {100 * b.val_fraction:.0f} % carved from the "
-        f"long-tailed training split (seed 0), learning rate from {list(b.lr_grid)} for every "
-        f"variant; MLC-NC also its initial logit scale from {list(b.logit_scale_grid)}, which the "
-        "MLC-NC ablations and the from-scratch MLC-NC row reuse. Criterion: validation total mAP. "
-        "The test split is used only for the final table.",
-        "- Final: the chosen settings, full training split, seeds "
-        f"{sorted({r['tag'].rsplit('_s', 1)[1] for rs in runs.values() for r in rs})}, "
-        "mean ± sample std (ddof 1) over seeds; the data set is the same for every seed.",
+        f"- Machine: {payload['machine']}; load average (1 min) {payload['load_before']:.2f} "
+        f"before, {payload['load_after']:.2f} after.",
+        f"- Cost: {payload['run_seconds'] / 60:.1f} min of runs ({payload['n_runs']} runs, each "
+        f"timed end to end on one core: data, compilation, training, evaluation), "
+        f"{payload['workers']} at a time; wall time of the invocation that wrote this file "
+        f"{payload['wall_seconds'] / 60:.1f} min (less when earlier invocations had cached runs).",
+        "- Data: built-in `synthetic_lt` 2.x 'target' classes at 32 px (train 1,104 images, "
+        "6/6/8 head/medium/tail classes; test 2,400 images, nearly balanced). Every number here "
+        "is ours, on synthetic data, not VOC-LT or COCO-LT.",
+        "- Trunk: the shipped one (mlcnc_jax/trunks/, resnet_small pre-trained on 20 other "
+        "classes; >= 95 mAP on its own test split, tests/test_trunk.py). Every run starts from it.",
+        f"- Budgets: short {p.short_steps} steps, long {p.long_steps} steps "
+        f"{'(the default run)' if p.long_steps == 360 else ''}, "
+        f"batch 64, both as {p.epochs} epochs (prototype updates; MLC-NC's FLA-only warm-up is "
+        "the first); everything else as configs/default.py (Adam, one-cycle, weight decay 1e-4, "
+        "flip + colour + 3-px shift). Raw weights are evaluated.",
+        f"- Selection: validation split of {100 * p.val_fraction:.0f} % carved from the long-"
+        f"tailed training split, seed 0, short budget; lr from {list(p.lr_grid)}, MLC-NC's "
+        f"initial logit scale from {list(p.logit_scale_grid)} (the ablations reuse MLC-NC's). "
+        "Criterion: validation total mAP. The test split is used only for the tables.",
+        "- Seeds: main rows "
+        f"{list(p.main_seeds)}, the others {list(p.other_seeds)}; mean ± sample std (ddof 1). "
+        "Intervals: 95 % Welch t interval of the difference of means.",
         "- NC1 / NC2 / mean angle: of the class features (MLC-NC rows: the per-class features "
-        "F of the positive pairs; plain-model rows: the pooled backbone feature of each image). "
-        "ETF angle for 20 classes: 93.0°.",
-        "",
-        "## Test mAP (%) and neural-collapse measures",
-        "",
-        "| variant | lr | γ₀ | total | head | medium | tail | NC1 | NC2 | mean angle (°) | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "of the positive pairs; plain rows: the pooled backbone feature of each image). A "
+        "simplex ETF of 20 classes has angle 93.0°; NC1 falls and NC2 tends to 0 as features "
+        "collapse.",
     ]
-    for name, s in summary.items():
-        gamma = f"{s['logit_scale_init']:g}" if "logit_scale_init" in s else "–"
-        lines.append(
-            f"| {name} | {s['learning_rate']:g} | {gamma} | {_pm(s['total'])} | {_pm(s['head'])} | "
-            f"{_pm(s['medium'])} | {_pm(s['tail'])} | {_pm(s['nc1'], 2)} | {_pm(s['nc2'], 3)} | "
-            f"{_pm(s['mean_angle'])} | {s['n_seeds']} |"
-        )
+    if payload.get("not_run"):
+        lines.append(f"- Not run in this file: {payload['not_run']}.")
+    lines += ["", "## Verdict on the paper's claims", ""]
+    lines += [f"- {v}" for v in payload["verdicts"]]
+    for budget, summary in tables.items():
+        if not summary:
+            continue
+        steps = p.short_steps if budget == "short" else p.long_steps
+        lines += ["", f"## Test mAP (%), {BUDGET_TITLES[budget]} ({steps} steps)", ""]
+        lines += _results_table(summary, chosen)
+    if payload["differences"]:
+        lines += ["", "## Differences (test mAP points, 95 % interval)", ""]
+        rows = [
+            [title, *(_interval_text(d[k]) for k in ("total", *GROUPS))]
+            for title, d in payload["differences"].items()
+        ]
+        lines.append(common.markdown_table(["difference", "total", *GROUPS], rows))
     lines += ["", "Rows:", ""]
-    lines += [f"- `{name}`: {VARIANTS[name].description}." for name in summary]
-
-    # MLC-NC against the sampler-matched BCE (both class-aware, both pre-trained).
-    if "mlcnc" in summary and "bce_aware" in summary:
-        a, c = runs["mlcnc"], runs["bce_aware"]
-        lines += ["", "## MLC-NC against the sampler-matched BCE (class-aware, pre-trained)", ""]
-        lines += ["| | total | head | medium | tail |", "|---|---|---|---|---|"]
-        lines.append(
-            "| mlcnc − bce_aware | "
-            + " | ".join(
-                _welch([_num(r["map"][k]) for r in a], [_num(r["map"][k]) for r in c])
-                for k in ("total", *GROUPS)
-            )
-            + " |"
-        )
-
-    lines += [
-        "",
-        "## Selection on the validation split (seed 0, validation total mAP)",
-        "",
-        "| variant | lr | γ₀ | val total | val head | val medium | val tail | γ at the end | chosen |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += [f"- `{n}`: {VARIANTS[n].description}." for n in chosen]
+    lines += ["", "## Selection on the validation split (seed 0, short budget)", ""]
+    rows = []
     for name, c in chosen.items():
-        for p in c["grid"]:
-            m = p["val_map"]
-            is_best = p["lr"] == c["lr"] and p["logit_scale"] == c["logit_scale"]
-            gamma = f"{p['logit_scale']:g}" if p["logit_scale"] is not None else "–"
-            final = (
-                f"{p['final_logit_scale']:.2f}" if p.get("final_logit_scale") is not None else "–"
+        for q in c["grid"]:
+            mark = "✓" if (q["lr"], q["logit_scale"]) == (c["lr"], c["logit_scale"]) else ""
+            gamma = f"{q['logit_scale']:g}" if q["logit_scale"] is not None else "–"
+            rows.append(
+                [
+                    name,
+                    f"{q['lr']:g}",
+                    gamma,
+                    *(f"{_num(q['val_map'][k]):.1f}" for k in ("total", *GROUPS)),
+                    mark,
+                ]
             )
-            lines.append(
-                f"| {name} | {p['lr']:g} | {gamma} | "
-                + " | ".join(f"{_num(m[k]):.1f}" for k in ("total", *GROUPS))
-                + f" | {final} | {'✓' if is_best else ''} |"
-            )
-    lines += [
-        "",
-        "![head / medium / tail mAP per variant](quality.png)",
-        "",
-        "## Cost",
-        "",
-        f"Pre-training {pretrain_result['seconds']:.0f} s (once); mean seconds per fine-tuning "
-        "run (compile, train, two evaluations: raw and EMA):",
-        "",
-        "| variant | s / run |",
-        "|---|---|",
-    ]
-    lines += [f"| {name} | {s['seconds_per_run']:.0f} |" for name, s in summary.items()]
-
+    lines.append(
+        common.markdown_table(
+            ["row", "lr", "γ₀", "val total", *(f"val {g}" for g in GROUPS), "chosen"], rows
+        )
+    )
+    lines += ["", "![head / medium / tail mAP per row](quality.png)", ""]
     path = os.path.join(out_dir, "quality.md")
     findings = f"{FINDINGS_BEGIN}\n## Findings\n\n(not written yet)\n{FINDINGS_END}"
     if os.path.exists(path):
         with open(path) as f:
-            old = f.read()
-        match = re.search(re.escape(FINDINGS_BEGIN) + r".*?" + re.escape(FINDINGS_END), old, re.S)
+            match = re.search(
+                re.escape(FINDINGS_BEGIN) + r".*?" + re.escape(FINDINGS_END), f.read(), re.S
+            )
         if match:
             findings = match.group(0)
-    lines += ["", findings, ""]
+    lines += [findings, ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def verdicts(runs: dict[str, dict[str, list[dict]]], best_aware: dict[str, str]) -> list[str]:
+    """One sentence per claim of the paper that the runs can speak to."""
+    out = []
+    for budget in BUDGET_TITLES:
+        r = runs.get(budget, {})
+        base = best_aware.get(budget)
+        if "mlcnc" in r and base in r:
+            d = compare(r, "mlcnc", base)
+            out.append(
+                verdict(
+                    d["tail"],
+                    f"Tail gain over the best sampler-matched baseline "
+                    f"(`{base}`, class-aware), {BUDGET_TITLES[budget]}",
+                )
+            )
+            out.append(verdict(d["total"], f"Total gain over `{base}`, {BUDGET_TITLES[budget]}"))
+        if "mlcnc" in r and "bce_uniform" in r:
+            d = compare(r, "mlcnc", "bce_uniform")
+            out.append(
+                verdict(
+                    d["tail"],
+                    f"Tail gain over BCE with uniform sampling (the "
+                    f"paper's baseline row), {BUDGET_TITLES[budget]}",
+                )
+            )
+    long = runs.get("long", {})
+    parts = {"no_fla": "FLA", "no_fpc": "FPC", "linear_classifier": "the frozen ETF classifier"}
+    for name, part in parts.items():
+        if "mlcnc" in long and name in long:
+            d = compare(long, "mlcnc", name)
+            out.append(
+                verdict(
+                    d["total"],
+                    f"{part} contributes (paper Table 3: MLC-NC minus "
+                    f"`{name}`, total), long budget",
+                )
+            )
+    if not out:
+        out.append("No claim can be judged: the runs are missing.")
+    return out
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def _parse_list(text: str, cast=str) -> list:
-    return [cast(t) for t in text.split(",") if t.strip()]
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny end-to-end smoke test")
-    parser.add_argument("--variants", default="", help="comma-separated rows (default: all)")
-    parser.add_argument("--seeds", default="", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--steps", type=int, default=0, help="override the steps per run")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"of {', '.join(PARTS)}")
+    parser.add_argument("--workers", type=int, default=2, help="runs side by side (1 core each)")
+    parser.add_argument(
+        "--deadline_min",
+        type=float,
+        default=0.0,
+        help="start no final run after this many minutes (0: none); the report says what is missing",
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", "cache"))
     parser.add_argument(
         "--data_root", default="~/.cache/mlcnc_jax/datasets", help="where synthetic_lt is kept"
     )
-    parser.add_argument(
-        "--pretrain_only", action="store_true", help="only pre-train (or find) the backbone"
-    )
     args = parser.parse_args(argv)
-
-    budget = QUICK if args.quick else Budget()
-    if args.steps:
-        budget = dataclasses.replace(budget, steps=args.steps)
-    names = _parse_list(args.variants) or (list(QUICK_VARIANTS) if args.quick else list(VARIANTS))
-    unknown = [n for n in names if n not in VARIANTS]
+    parts = [p for p in args.parts.split(",") if p]
+    if args.quick and args.parts == parser.get_default("parts"):
+        parts = ["main"]
+    unknown = [p for p in parts if p not in PARTS]
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    seeds = _parse_list(args.seeds, int) or ([0] if args.quick else [0, 1, 2])
-    variants = [VARIANTS[n] for n in names]
+        parser.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
+    protocol = QUICK if args.quick else Protocol()
     cache = os.path.join(args.cache, "quality_quick" if args.quick else "quality")
-    out = (
-        os.path.join(cache, "results")
-        if args.quick and args.out == parser.get_default("out")
-        else args.out
-    )
+    out = args.out
+    if args.quick and out == parser.get_default("out"):
+        out = os.path.join(cache, "results")
 
-    # Runs of the same variant and seed-independent programs share compiled code.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(args.cache, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    logging.set_verbosity(logging.WARNING)
+    from mlcnc_jax import trunks
     from mlcnc_jax.data import synthetic
 
     _SALT["synthetic_lt"] = str(synthetic.SyntheticLt.VERSION)
-
+    _SALT["trunk"] = trunks.SYNTHETIC_PRETRAIN_SHA256
     command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    runner = Runner(cache)
+    wall_start = time.time()
     data_root = os.path.expanduser(args.data_root)
-    pretrained_dir, pre = pretrain_backbone(runner, budget, data_root)
-    if args.pretrain_only:
-        return
-    chosen = select(runner, variants, budget, data_root=data_root, pretrained_dir=pretrained_dir)
-    runs = final_runs(
-        runner, variants, chosen, budget, seeds, data_root=data_root, pretrained_dir=pretrained_dir
+    # Generate the data once, before the workers read it side by side.
+    from mlcnc_jax.data import sources
+
+    for second in (False, True) if "second_split" in parts else (False,):
+        sources.load_dataset(
+            run_config(
+                "mlcnc",
+                1,
+                protocol,
+                data_root=data_root,
+                lr=1e-3,
+                logit_scale=1.0,
+                seed=0,
+                validation=False,
+                second_split=second,
+            )
+        )
+    runner = Runner(cache, args.workers)
+    try:
+        names = list(MAIN) if {"main", "second_split"} & set(parts) else []
+        names += [n for n in OTHER_BASELINES if "baselines" in parts]
+        names += [v.name for v in ABLATIONS if "ablations" in parts]
+        if "mlcnc" not in names and any(VARIANTS[n].is_mlcnc for n in names):
+            names.insert(0, "mlcnc")
+        chosen = select(runner, names, protocol, data_root)
+        best_other = best_other_baseline(chosen)
+        main_rows = [n for n in (*MAIN, best_other) if n and "main" in parts]
+        if "main" not in parts:
+            names = [n for n in names if n not in MAIN]
+        jobs: list[tuple[str, str, Job]] = []  # (budget, row, job), long budget first
+        for budget, steps in (("long", protocol.long_steps), ("short", protocol.short_steps)):
+            for name in names:
+                if name in main_rows:
+                    seeds = protocol.main_seeds
+                elif budget == "long":
+                    seeds = protocol.other_seeds
+                else:
+                    continue
+                for job in final_jobs(
+                    name, chosen[name], steps, seeds, protocol, data_root, budget
+                ):
+                    jobs.append((budget, name, job))
+        if "second_split" in parts:  # MAIN's rows with their settings chosen on the first split
+            for name in MAIN:
+                for job in final_jobs(
+                    name,
+                    chosen[name],
+                    protocol.long_steps,
+                    protocol.other_seeds,
+                    protocol,
+                    data_root,
+                    "second",
+                ):
+                    jobs.append(("second", name, job))
+        # Seed-major, so that a deadline leaves every row and budget some seeds.
+        order = sorted(
+            range(len(jobs)),
+            key=lambda i: (
+                int(jobs[i][2].tag.rsplit("_s", 1)[1]),
+                ("long", "second", "short").index(jobs[i][0]),
+            ),
+        )
+        if args.deadline_min > 0:
+            runner.deadline = wall_start + 60.0 * args.deadline_min
+        results = runner.run_all([jobs[i][2] for i in order])
+    finally:
+        runner.close()
+    runs: dict[str, dict[str, list[dict]]] = {b: {} for b in BUDGET_TITLES}
+    skipped = [jobs[i][2].tag for i, r in zip(order, results) if r is None]
+    for i, result in zip(order, results):
+        if result is None:
+            continue
+        budget, name, _ = jobs[i]
+        runs[budget].setdefault(name, []).append(result)
+    tables = {b: {n: summarise(rs) for n, rs in runs[b].items()} for b in BUDGET_TITLES}
+    # The best sampler-matched (class-aware) baseline of each budget, by validation mAP.
+    aware = [n for n in ("bce_aware", *OTHER_BASELINES) if n.endswith("_aware") and n in chosen]
+    best_aware = {}
+    for b in runs:
+        cands = [n for n in aware if n in runs[b]]
+        if cands:
+            best_aware[b] = max(cands, key=lambda n: _num(chosen[n]["val_map"]["total"]))
+    differences = {}
+    for b in BUDGET_TITLES:
+        for other in (best_aware.get(b), "bce_uniform", best_other):
+            if other and "mlcnc" in runs[b] and other in runs[b]:
+                differences[f"mlcnc − {other}, {b}"] = compare(runs[b], "mlcnc", other)
+    for name in (
+        "no_fla",
+        "no_fpc",
+        "linear_classifier",
+        "trainable_etf",
+        "cumulative_prototypes",
+        "cosine_attention",
+    ):
+        if "mlcnc" in runs["long"] and name in runs["long"]:
+            differences[f"mlcnc − {name}, long"] = compare(runs["long"], "mlcnc", name)
+    run_seconds = sum(q["seconds"] for c in chosen.values() for q in c["grid"]) + sum(
+        r["seconds"] for r in results if r is not None
     )
-    wall = time.perf_counter() - start
-    # The benchmark's cost: every run it uses, whether it ran now or in an earlier invocation.
-    run_seconds = (
-        pre["seconds"]
-        + sum(p["seconds"] for c in chosen.values() for p in c["grid"])
-        + sum(r["seconds"] for rs in runs.values() for r in rs)
-    )
-    write_report(
-        out,
-        budget=budget,
-        variants=variants,
-        chosen=chosen,
-        runs=runs,
-        pretrain_result=pre,
-        wall_seconds=wall,
-        command=command.strip(),
-        run_seconds=run_seconds,
-    )
-    print(f"Done in {wall / 60:.1f} min; results in {out}", flush=True)
+    not_run = [f"part '{p}'" for p in PARTS if p not in parts]
+    if skipped:
+        not_run.append(f"{len(skipped)} runs past the deadline ({', '.join(skipped)})")
+    payload = {
+        "dataset": "synthetic_lt (built-in, 'target' classes; test split for the tables)",
+        "machine": common.machine(),
+        "command": command.strip(),
+        "protocol": dataclasses.asdict(protocol),
+        "workers": args.workers,
+        "wall_seconds": time.perf_counter() - start,
+        "run_seconds": run_seconds,
+        "n_runs": sum(len(c["grid"]) for c in chosen.values()) + len(results) - len(skipped),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "not_run": "; ".join(not_run),
+        "selection": chosen,
+        "best_other_baseline": best_other,
+        "best_sampler_matched": best_aware,
+        "tables": tables,
+        "differences": differences,
+        "verdicts": verdicts(runs, best_aware),
+        "runs": runs,
+    }
+    write_report(out, payload, protocol, command.strip())
+    print(f"Done in {payload['wall_seconds'] / 60:.1f} min; results in {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""benchmarks.quality: its statistics against scipy, its verdicts, cache keys and run configs."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from benchmarks import quality
+
+
+@pytest.mark.parametrize("df", [1, 2, 3.5, 4, 7.3, 12, 29.5, 30, 45.0, 200.0])
+def test_t_quantile_matches_scipy(df):
+    assert quality.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ([73.1, 72.4, 74.0, 73.5, 72.9], [71.0, 72.2, 70.5, 71.9, 71.1]),
+        ([60.0, 61.5, 59.2], [63.0, 58.0, 66.1, 61.2, 60.3]),
+        ([1.0, 2.0], [1.5, 1.7, 1.6]),
+    ],
+)
+def test_welch_interval_matches_scipy(a, b):
+    got = quality.welch_interval(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert got["diff"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert got["low"] == pytest.approx(ref.low, rel=1e-4)
+    assert got["high"] == pytest.approx(ref.high, rel=1e-4)
+
+
+def test_welch_interval_of_one_seed_has_no_bounds():
+    got = quality.welch_interval([70.0], [68.0, 69.0])
+    assert got["diff"] == pytest.approx(1.5) and np.isnan(got["low"]) and np.isnan(got["high"])
+
+
+def test_verdict_says_whether_the_interval_excludes_zero():
+    assert "**yes**" in quality.verdict({"diff": 2.0, "low": 0.5, "high": 3.5}, "x")
+    assert "opposite" in quality.verdict({"diff": -2.0, "low": -3.5, "high": -0.5}, "x")
+    assert "not shown" in quality.verdict({"diff": 0.4, "low": -0.5, "high": 1.3}, "x")
+    assert "too few seeds" in quality.verdict({"diff": 0.4, "low": np.nan, "high": np.nan}, "x")
+
+
+def _result(total, tail):
+    return {"map": {"total": total, "head": 80.0, "medium": 70.0, "tail": tail}}
+
+
+def test_verdicts_compare_mlcnc_with_the_sampler_matched_baseline():
+    runs = {
+        "long": {
+            "mlcnc": [_result(73 + d, 61 + d) for d in (0.0, 0.3, -0.2)],
+            "bce_aware": [_result(70 + d, 64 + d) for d in (0.0, 0.4, -0.3)],
+            "bce_uniform": [_result(69 + d, 50 + d) for d in (0.0, 0.2, -0.1)],
+        }
+    }
+    lines = quality.verdicts(runs, {"long": "bce_aware"})
+    tail_vs_aware, total_vs_aware, tail_vs_uniform = lines
+    assert "`bce_aware`" in tail_vs_aware and "opposite" in tail_vs_aware
+    assert "**yes**" in total_vs_aware and "**yes**" in tail_vs_uniform
+
+
+def test_run_configs_start_from_the_default_and_change_only_their_row():
+    protocol = quality.Protocol()
+    c = quality.run_config(
+        "bce_uniform",
+        120,
+        protocol,
+        data_root="/d",
+        lr=3e-3,
+        logit_scale=16.0,
+        seed=2,
+        validation=True,
+    )
+    assert (c.model.name, c.data.sampling, c.loss.bce, c.loss.two_way) == (
+        "baseline",
+        "uniform",
+        1.0,
+        0.0,
+    )
+    assert c.train.num_epochs * c.train.steps_per_epoch == 120
+    assert (c.train.learning_rate, c.seed, c.data.val_fraction) == (3e-3, 2, 0.25)
+    assert c.model.pretrained.endswith(".safetensors")  # the shipped trunk
+    second = quality.run_config(
+        "mlcnc",
+        360,
+        protocol,
+        data_root="/d",
+        lr=1e-3,
+        logit_scale=8.0,
+        seed=0,
+        validation=False,
+        second_split=True,
+    )
+    assert (second.data.synthetic_seed, second.data.synthetic_train_split) == (1, "dbloss")
+    assert second.model.logit_scale_init == 8.0 and second.data.val_fraction == 0.0
+
+
+def test_cache_key_ignores_a_later_field_at_its_old_value():
+    protocol = quality.Protocol()
+    c = quality.run_config(
+        "mlcnc", 120, protocol, data_root="/d", lr=1e-3, logit_scale=8.0, seed=0, validation=True
+    )
+    key = quality.config_hash(c)
+    # The key as it was before data.synthetic_train_split existed.
+    old = c.to_dict()
+    del old["data"]["synthetic_train_split"]
+    import hashlib
+    import json
+
+    text = json.dumps(old, sort_keys=True) + json.dumps(quality._SALT, sort_keys=True)
+    assert key == hashlib.sha256(text.encode()).hexdigest()[:10]
+    c.data.synthetic_train_split = "dbloss"
+    assert quality.config_hash(c) != key
+    c.data.synthetic_train_split = "planned"
+    c.train.learning_rate = 3e-3
+    assert quality.config_hash(c) != key
