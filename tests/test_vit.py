@@ -77,6 +77,8 @@ def test_variant_settings():
             assert cfg["num_heads"] == cfg["width"] // 64, name
     cpu = VIT_CONFIGS["vit_cpu"]
     assert (cpu["image_size"] // cpu["patch_size"]) ** 2 == 64  # 64 tokens at 64 px
+    cpu32 = VIT_CONFIGS["vit_cpu32"]
+    assert (cpu32["image_size"], (cpu32["image_size"] // cpu32["patch_size"]) ** 2) == (32, 64)
     assert get_vit("clip_vit_l14", image_size=336).image_size == 336
     with pytest.raises(ValueError, match="unknown ViT backbone 'vit_h14'"):
         get_vit("vit_h14")

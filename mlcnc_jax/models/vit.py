@@ -381,6 +381,8 @@ VIT_CONFIGS: dict[str, dict[str, Any]] = {
     # CPU-sized, for the built-in 64 px data: 8 x 8 = 64 tokens of 128 channels,
     # the token count and width of resnet_small.
     "vit_cpu": _std(8, 128, 4, 4, image_size=64),
+    # The same at the built-in 32 px (configs/default.py): 4-px patches, 8 x 8 = 64 tokens.
+    "vit_cpu32": _std(4, 128, 4, 4, image_size=32),
     # CLIP image encoders (OpenAI weights: QuickGELU).
     "clip_vit_b16": _clip(16, 768, 12, 512, "quick_gelu"),
     "clip_vit_b32": _clip(32, 768, 12, 512, "quick_gelu"),
