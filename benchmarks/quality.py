@@ -16,6 +16,11 @@ changes:
    - part 'ablations': the MLC-NC ablations, 3 seeds, long budget;
    - part 'baselines': the other baselines (focal, ASL, DB-focal, two-way; each with
      class-aware and uniform sampling), 3 seeds, long budget.
+   - part 'second_split': the main rows on a second, independent split (another generation
+     seed; the training split made by lt_builder.py from a balanced pool with more objects
+     per image), 3 seeds, long budget, with the settings chosen on the first split;
+   - part 'vit': a ViT trunk (vit_cpu32) pre-trained on the 'pretrain' classes by
+     configs/pretrain.py, then MLC-NC and BCE class-aware fine-tuned from it, 3 seeds.
    The data set stays the same; the seed changes initialisation, sampling and augmentation.
 3. Differences of MLC-NC minus the best sampler-matched baseline with a 95 % Welch
    interval, neural-collapse measures, and a verdict per claim of the paper.
@@ -50,7 +55,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.common import ROOT
-from configs import ablations
+from configs import ablations, pretrain
 from mlcnc_jax.groups import COLOURS, GROUPS
 
 METRICS = ("total", *GROUPS, "nc1", "nc2", "mean_angle")
@@ -70,6 +75,7 @@ class Protocol:
     val_fraction: float = 0.25
     lr_grid: tuple[float, ...] = (1e-3, 3e-3)
     logit_scale_grid: tuple[float, ...] = (8.0, 16.0)
+    vit_pretrain_steps: int = 0  # 0: configs/pretrain.py's (10 epochs of the 10,000 images)
 
 
 QUICK = Protocol(
@@ -80,6 +86,7 @@ QUICK = Protocol(
     other_seeds=(0,),
     lr_grid=(1e-3,),
     logit_scale_grid=(16.0,),
+    vit_pretrain_steps=10,
 )
 
 
@@ -118,7 +125,7 @@ MLCNC = Variant("mlcnc", "MLC-NC (default config), class-aware")
 VARIANTS = {v.name: v for v in [MLCNC, *BASELINES, *ABLATIONS]}
 MAIN = ("mlcnc", "bce_aware", "bce_uniform")
 OTHER_BASELINES = tuple(v.name for v in BASELINES if v.name not in MAIN)
-PARTS = ("main", "ablations", "baselines", "second_split")
+PARTS = ("main", "ablations", "baselines", "second_split", "vit")
 # The second, independent check: the same classes with another generation seed, the training
 # split made by the long-tailed split builder (lt_builder.py) over a balanced pool with more
 # objects per image, and its own test split.
@@ -127,7 +134,13 @@ BUDGET_TITLES = {
     "long": "long budget",
     "short": "short budget",
     "second": "second split (synthetic_seed 1, lt_builder's long tail), long budget",
+    "vit": "ViT backbone (vit_cpu32, its own trunk pre-trained as the ResNet one), long budget",
 }
+# Part 'vit': a ViT trunk pre-trained on the 'pretrain' classes by configs/pretrain.py (as the
+# shipped ResNet trunk was), then these rows fine-tuned from it.
+VIT_BACKBONE = "vit_cpu32"
+VIT_PRETRAIN_LR = 1e-3
+VIT_ROWS = ("mlcnc", "bce_aware")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -144,9 +157,16 @@ def run_config(
     seed: int,
     validation: bool,
     second_split: bool = False,
+    vit_trunk: str = "",
 ):
-    """The full config of one run: configs/default.py with the row's and the run's changes."""
+    """The full config of one run: configs/default.py with the row's and the run's changes.
+
+    `vit_trunk`: fine-tune the ViT backbone from this pre-training workdir instead.
+    """
     c = ablations.get_config(name)
+    if vit_trunk:
+        c.model.backbone = VIT_BACKBONE
+        c.model.pretrained = vit_trunk
     for key, value in (SECOND_SPLIT if second_split else {}).items():
         section, field = key.split(".")
         setattr(c[section], field, value)
@@ -199,10 +219,29 @@ class Job:
     tag: str
     config: Any
     key: str = ""
+    keep_workdir: bool = False  # keep the checkpoints (a trunk); else deleted
 
     @classmethod
     def of(cls, tag: str, config) -> Job:
         return cls(tag, config, f"{tag}_{config_hash(config)}")
+
+
+def vit_pretrain_job(data_root: str, protocol: Protocol) -> Job:
+    """configs/pretrain.py with the ViT backbone (its workdir is kept: it is the trunk)."""
+    c = pretrain.get_config()
+    c.data.root = data_root
+    if protocol.vit_pretrain_steps:
+        c.train.num_epochs = 1
+        c.train.steps_per_epoch = protocol.vit_pretrain_steps
+        c.train.eval_every_epochs = 1
+    c.model.backbone = VIT_BACKBONE
+    c.train.learning_rate = VIT_PRETRAIN_LR
+    job = Job.of("pretrain_vit", c)
+    return dataclasses.replace(job, keep_workdir=True)
+
+
+def _workdir(cache_dir: str, job: Job) -> str:
+    return os.path.join(cache_dir, "work", job.key)
 
 
 def _cache_path(cache_dir: str, job: Job) -> str:
@@ -215,7 +254,7 @@ def execute(job: Job, cache_dir: str) -> dict:
 
     config = job.config
     path = _cache_path(cache_dir, job)
-    workdir = os.path.join(cache_dir, "work", os.path.basename(path)[: -len(".json")])
+    workdir = _workdir(cache_dir, job)
     shutil.rmtree(workdir, ignore_errors=True)  # a killed run restarts from scratch
     start = time.perf_counter()
     try:
@@ -239,7 +278,10 @@ def execute(job: Job, cache_dir: str) -> dict:
             map_ema=results["ema"]["map"],
             neural_collapse=results["raw"]["neural_collapse"],
         )
-    shutil.rmtree(workdir, ignore_errors=True)
+    if job.keep_workdir:
+        result["workdir"] = workdir
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(common.to_json(result), f, indent=1)
@@ -285,6 +327,10 @@ class Runner:
 
     def _cached(self, job: Job) -> dict | None:
         path = _cache_path(self.cache_dir, job)
+        if job.keep_workdir and not os.path.isdir(
+            os.path.join(_workdir(self.cache_dir, job), "checkpoints")
+        ):
+            return None  # the record outlived its checkpoints: run again
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
@@ -460,6 +506,7 @@ def final_jobs(
     protocol: Protocol,
     data_root: str,
     budget: str,
+    vit_trunk: str = "",
 ) -> list[Job]:
     jobs = []
     for seed in seeds:
@@ -473,6 +520,7 @@ def final_jobs(
             seed=seed,
             validation=False,
             second_split=budget == "second",
+            vit_trunk=vit_trunk,
         )
         jobs.append(Job.of(f"{budget}_{name}_s{seed}", c))
     return jobs
@@ -664,12 +712,15 @@ def write_report(out_dir: str, payload: dict, protocol: Protocol, command: str) 
         f"{payload['workers']} at a time; wall time of the invocation that wrote this file "
         f"{payload['wall_seconds'] / 60:.1f} min (less when earlier invocations had cached runs).",
         "- Data: built-in `synthetic_lt` 2.x 'target' classes at 32 px (train 1,104 images, "
-        "6/6/8 head/medium/tail classes; test 2,400 images, nearly balanced). Every number here "
-        "is ours, on synthetic data, not VOC-LT or COCO-LT.",
+        "6/6/8 head/medium/tail classes; test 2,400 images, nearly balanced); the second split "
+        "(part 'second_split'): `--config.data.synthetic_seed=1 "
+        "--config.data.synthetic_train_split=dbloss`, lt_builder's long tail of a balanced pool "
+        "(1,070 images, 5/9/6 classes, 1.84 objects per image against 1.58) and its own test "
+        "split. Every number here is ours, on synthetic data, not VOC-LT or COCO-LT.",
         "- Trunk: the shipped one (mlcnc_jax/trunks/, resnet_small pre-trained on 20 other "
-        "classes; >= 95 mAP on its own test split, tests/test_trunk.py). Every run starts from it.",
-        f"- Budgets: short {p.short_steps} steps, long {p.long_steps} steps "
-        f"{'(the default run)' if p.long_steps == 360 else ''}, "
+        "classes; >= 95 mAP on its own test split, tests/test_trunk.py). Every run but the ViT rows starts from it.",
+        f"- Budgets: short {p.short_steps} steps, long {p.long_steps} steps"
+        f"{' (the default run)' if p.long_steps == 360 else ''}, "
         f"batch 64, both as {p.epochs} epochs (prototype updates; MLC-NC's FLA-only warm-up is "
         "the first); everything else as configs/default.py (Adam, one-cycle, weight decay 1e-4, "
         "flip + colour + 3-px shift). Raw weights are evaluated.",
@@ -685,6 +736,14 @@ def write_report(out_dir: str, payload: dict, protocol: Protocol, command: str) 
         "simplex ETF of 20 classes has angle 93.0°; NC1 falls and NC2 tends to 0 as features "
         "collapse.",
     ]
+    if payload.get("vit_trunk"):
+        v = payload["vit_trunk"]
+        lines.append(
+            f"- ViT trunk (part 'vit'): `{VIT_BACKBONE}` pre-trained by configs/pretrain.py "
+            f"(lr {VIT_PRETRAIN_LR:g}) on the 'pretrain' classes in {v['seconds'] / 60:.1f} min: "
+            f"{_num(v['test_map']):.1f} mAP (EMA {_num(v['test_map_ema']):.1f}) on their test "
+            "split. Its rows use the learning rates chosen for the ResNet rows."
+        )
     if payload.get("not_run"):
         lines.append(f"- Not run in this file: {payload['not_run']}.")
     lines += ["", "## Verdict on the paper's claims", ""]
@@ -842,7 +901,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     runner = Runner(cache, args.workers)
     try:
-        names = list(MAIN) if {"main", "second_split"} & set(parts) else []
+        names = list(MAIN) if {"main", "second_split", "vit"} & set(parts) else []
         names += [n for n in OTHER_BASELINES if "baselines" in parts]
         names += [v.name for v in ABLATIONS if "ablations" in parts]
         if "mlcnc" not in names and any(VARIANTS[n].is_mlcnc for n in names):
@@ -852,37 +911,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         main_rows = [n for n in (*MAIN, best_other) if n and "main" in parts]
         if "main" not in parts:
             names = [n for n in names if n not in MAIN]
-        jobs: list[tuple[str, str, Job]] = []  # (budget, row, job), long budget first
-        for budget, steps in (("long", protocol.long_steps), ("short", protocol.short_steps)):
-            for name in names:
-                if name in main_rows:
-                    seeds = protocol.main_seeds
-                elif budget == "long":
-                    seeds = protocol.other_seeds
-                else:
-                    continue
-                for job in final_jobs(
-                    name, chosen[name], steps, seeds, protocol, data_root, budget
-                ):
-                    jobs.append((budget, name, job))
+        jobs: list[tuple[str, str, Job]] = []  # (budget, row, job)
+
+        def add(budget: str, name: str, steps: int, seeds: Sequence[int], vit: str = "") -> None:
+            for job in final_jobs(
+                name, chosen[name], steps, seeds, protocol, data_root, budget, vit_trunk=vit
+            ):
+                jobs.append((budget, name, job))
+
+        for name in names:
+            if name in main_rows:
+                add("long", name, protocol.long_steps, protocol.main_seeds)
+                add("short", name, protocol.short_steps, protocol.main_seeds)
+            else:
+                add("long", name, protocol.long_steps, protocol.other_seeds)
         if "second_split" in parts:  # MAIN's rows with their settings chosen on the first split
             for name in MAIN:
-                for job in final_jobs(
-                    name,
-                    chosen[name],
-                    protocol.long_steps,
-                    protocol.other_seeds,
-                    protocol,
-                    data_root,
-                    "second",
-                ):
-                    jobs.append(("second", name, job))
+                add("second", name, protocol.long_steps, protocol.other_seeds)
+        vit_trunk = None
+        if "vit" in parts:
+            (vit_trunk,) = runner.run_all([vit_pretrain_job(data_root, protocol)])
+            if vit_trunk.get("error"):
+                raise RuntimeError(f"The ViT trunk's pre-training diverged: {vit_trunk['error']}")
+            for name in VIT_ROWS:
+                add("vit", name, protocol.long_steps, protocol.other_seeds, vit_trunk["workdir"])
         # Seed-major, so that a deadline leaves every row and budget some seeds.
         order = sorted(
             range(len(jobs)),
             key=lambda i: (
                 int(jobs[i][2].tag.rsplit("_s", 1)[1]),
-                ("long", "second", "short").index(jobs[i][0]),
+                ("long", "second", "vit", "short").index(jobs[i][0]),
             ),
         )
         if args.deadline_min > 0:
@@ -923,6 +981,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_seconds = sum(q["seconds"] for c in chosen.values() for q in c["grid"]) + sum(
         r["seconds"] for r in results if r is not None
     )
+    if vit_trunk:
+        run_seconds += vit_trunk["seconds"]
     not_run = [f"part '{p}'" for p in PARTS if p not in parts]
     if skipped:
         not_run.append(f"{len(skipped)} runs past the deadline ({', '.join(skipped)})")
@@ -939,6 +999,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "load_after": os.getloadavg()[0],
         "not_run": "; ".join(not_run),
         "selection": chosen,
+        "vit_trunk": None
+        if not vit_trunk
+        else {
+            "seconds": vit_trunk["seconds"],
+            "test_map": vit_trunk["map"]["total"],
+            "test_map_ema": vit_trunk["map_ema"]["total"],
+        },
         "best_other_baseline": best_other,
         "best_sampler_matched": best_aware,
         "tables": tables,

@@ -58,18 +58,13 @@ def test_verdicts_compare_mlcnc_with_the_sampler_matched_baseline():
     assert "**yes**" in total_vs_aware and "**yes**" in tail_vs_uniform
 
 
+def _config(name, steps, **changes):
+    args = {"data_root": "/d", "lr": 1e-3, "logit_scale": 8.0, "seed": 0, "validation": False}
+    return quality.run_config(name, steps, quality.Protocol(), **{**args, **changes})
+
+
 def test_run_configs_start_from_the_default_and_change_only_their_row():
-    protocol = quality.Protocol()
-    c = quality.run_config(
-        "bce_uniform",
-        120,
-        protocol,
-        data_root="/d",
-        lr=3e-3,
-        logit_scale=16.0,
-        seed=2,
-        validation=True,
-    )
+    c = _config("bce_uniform", 120, lr=3e-3, logit_scale=16.0, seed=2, validation=True)
     assert (c.model.name, c.data.sampling, c.loss.bce, c.loss.two_way) == (
         "baseline",
         "uniform",
@@ -79,26 +74,19 @@ def test_run_configs_start_from_the_default_and_change_only_their_row():
     assert c.train.num_epochs * c.train.steps_per_epoch == 120
     assert (c.train.learning_rate, c.seed, c.data.val_fraction) == (3e-3, 2, 0.25)
     assert c.model.pretrained.endswith(".safetensors")  # the shipped trunk
-    second = quality.run_config(
-        "mlcnc",
-        360,
-        protocol,
-        data_root="/d",
-        lr=1e-3,
-        logit_scale=8.0,
-        seed=0,
-        validation=False,
-        second_split=True,
-    )
+    second = _config("mlcnc", 360, second_split=True)
     assert (second.data.synthetic_seed, second.data.synthetic_train_split) == (1, "dbloss")
     assert second.model.logit_scale_init == 8.0 and second.data.val_fraction == 0.0
+    vit = _config("bce_aware", 360, vit_trunk="/trunk")
+    assert (vit.model.backbone, vit.model.pretrained) == (quality.VIT_BACKBONE, "/trunk")
+    assert (vit.data.synthetic_seed, vit.data.synthetic_train_split) == (0, "planned")
+    trunk = quality.vit_pretrain_job("/d", quality.Protocol())
+    assert trunk.keep_workdir and trunk.config.model.backbone == quality.VIT_BACKBONE
+    assert trunk.config.data.synthetic_classes == "pretrain" and trunk.config.model.pretrained == ""
 
 
 def test_cache_key_ignores_a_later_field_at_its_old_value():
-    protocol = quality.Protocol()
-    c = quality.run_config(
-        "mlcnc", 120, protocol, data_root="/d", lr=1e-3, logit_scale=8.0, seed=0, validation=True
-    )
+    c = _config("mlcnc", 120, validation=True)
     key = quality.config_hash(c)
     # The key as it was before data.synthetic_train_split existed.
     old = c.to_dict()
