@@ -478,23 +478,21 @@ def select(runner: Runner, names: Sequence[str], protocol: Protocol, data_root: 
     }
     if any(VARIANTS[n].is_mlcnc for n in names):
         first.setdefault("mlcnc", grid_jobs("mlcnc", protocol.logit_scale_grid))
-    flat = [p for points in first.values() for p in points]
-    results = runner.run_all([p[0] for p in flat])
-    k = 0
-    for n, points in first.items():
-        chosen[n] = choose(points, results[k : k + len(points)])
-        k += len(points)
+
+    def run_grids(grids: dict[str, list]) -> None:
+        flat = [p for points in grids.values() for p in points]
+        results = runner.run_all([p[0] for p in flat])
+        k = 0
+        for n, points in grids.items():
+            chosen[n] = choose(points, results[k : k + len(points)])
+            k += len(points)
+
+    run_grids(first)
     # ... then the ablations at MLC-NC's chosen scale.
     rest = [n for n in names if n not in chosen]
     if rest:
         scale = chosen["mlcnc"]["logit_scale"]
-        later = {n: grid_jobs(n, [scale]) for n in rest}
-        flat = [p for points in later.values() for p in points]
-        results = runner.run_all([p[0] for p in flat])
-        k = 0
-        for n, points in later.items():
-            chosen[n] = choose(points, results[k : k + len(points)])
-            k += len(points)
+        run_grids({n: grid_jobs(n, [scale]) for n in rest})
     return chosen
 
 
@@ -801,40 +799,35 @@ def write_report(out_dir: str, payload: dict, protocol: Protocol, command: str) 
 def verdicts(runs: dict[str, dict[str, list[dict]]], best_aware: dict[str, str]) -> list[str]:
     """One sentence per claim of the paper that the runs can speak to."""
     out = []
-    for budget in BUDGET_TITLES:
+
+    def claim(budget: str, other: str | None, metric: str, text: str) -> None:
         r = runs.get(budget, {})
+        if "mlcnc" in r and other in r:
+            out.append(verdict(compare(r, "mlcnc", other)[metric], text))
+
+    for budget, title in BUDGET_TITLES.items():
         base = best_aware.get(budget)
-        if "mlcnc" in r and base in r:
-            d = compare(r, "mlcnc", base)
-            out.append(
-                verdict(
-                    d["tail"],
-                    f"Tail gain over the best sampler-matched baseline "
-                    f"(`{base}`, class-aware), {BUDGET_TITLES[budget]}",
-                )
-            )
-            out.append(verdict(d["total"], f"Total gain over `{base}`, {BUDGET_TITLES[budget]}"))
-        if "mlcnc" in r and "bce_uniform" in r:
-            d = compare(r, "mlcnc", "bce_uniform")
-            out.append(
-                verdict(
-                    d["tail"],
-                    f"Tail gain over BCE with uniform sampling (the "
-                    f"paper's baseline row), {BUDGET_TITLES[budget]}",
-                )
-            )
-    long = runs.get("long", {})
+        claim(
+            budget,
+            base,
+            "tail",
+            f"Tail gain over the best sampler-matched baseline (`{base}`, class-aware), {title}",
+        )
+        claim(budget, base, "total", f"Total gain over `{base}`, {title}")
+        claim(
+            budget,
+            "bce_uniform",
+            "tail",
+            f"Tail gain over BCE with uniform sampling (the paper's baseline row), {title}",
+        )
     parts = {"no_fla": "FLA", "no_fpc": "FPC", "linear_classifier": "the frozen ETF classifier"}
     for name, part in parts.items():
-        if "mlcnc" in long and name in long:
-            d = compare(long, "mlcnc", name)
-            out.append(
-                verdict(
-                    d["total"],
-                    f"{part} contributes (paper Table 3: MLC-NC minus "
-                    f"`{name}`, total), long budget",
-                )
-            )
+        claim(
+            "long",
+            name,
+            "total",
+            f"{part} contributes (paper Table 3: MLC-NC minus `{name}`, total), long budget",
+        )
     if not out:
         out.append("No claim can be judged: the runs are missing.")
     return out
