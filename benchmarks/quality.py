@@ -323,7 +323,6 @@ class Runner:
         self.workers = max(1, workers)
         os.makedirs(os.path.join(cache_dir, "runs"), exist_ok=True)
         self._pool = None
-        self.ran_seconds = 0.0
 
     def _cached(self, job: Job) -> dict | None:
         path = _cache_path(self.cache_dir, job)
@@ -349,7 +348,6 @@ class Runner:
         def report(result: dict) -> None:
             nonlocal done
             done += 1
-            self.ran_seconds += result["seconds"]
             print(
                 f"[{done}/{len(todo)} {result['seconds']:4.0f}s] {result['tag']}: {_fmt(result)}",
                 flush=True,
@@ -415,6 +413,11 @@ def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
+def _val_total(val_map: dict) -> float:
+    """Validation total mAP for choosing; a diverged run (NaN) never wins."""
+    return float(np.nan_to_num(_num(val_map["total"]), nan=-1.0))
+
+
 def _fmt(result: dict) -> str:
     m = result["map"]
     text = " ".join(f"{k} {_num(m[k]):.1f}" for k in ("total", *GROUPS))
@@ -461,7 +464,7 @@ def select(runner: Runner, names: Sequence[str], protocol: Protocol, data_root: 
             for (_, lr, scale), r in zip(points, results)
         ]
         # A diverged point (NaN) never wins; ties go to the earlier grid point.
-        best = max(grid, key=lambda p: np.nan_to_num(_num(p["val_map"]["total"]), nan=-1.0))
+        best = max(grid, key=lambda p: _val_total(p["val_map"]))
         return {
             "lr": best["lr"],
             "logit_scale": best["logit_scale"],
@@ -524,12 +527,12 @@ def final_jobs(
     return jobs
 
 
-def best_other_baseline(chosen: dict) -> str | None:
-    """The other baseline with the highest validation total mAP (None if none was selected)."""
-    others = [n for n in OTHER_BASELINES if n in chosen]
-    if not others:
+def best_by_validation(names: Sequence[str], chosen: dict) -> str | None:
+    """The row of `names` with the highest validation total mAP (None if none was selected)."""
+    candidates = [n for n in names if n in chosen]
+    if not candidates:
         return None
-    return max(others, key=lambda n: np.nan_to_num(_num(chosen[n]["val_map"]["total"]), nan=-1))
+    return max(candidates, key=lambda n: _val_total(chosen[n]["val_map"]))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -900,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "mlcnc" not in names and any(VARIANTS[n].is_mlcnc for n in names):
             names.insert(0, "mlcnc")
         chosen = select(runner, names, protocol, data_root)
-        best_other = best_other_baseline(chosen)
+        best_other = best_by_validation(OTHER_BASELINES, chosen)
         main_rows = [n for n in (*MAIN, best_other) if n and "main" in parts]
         if "main" not in parts:
             names = [n for n in names if n not in MAIN]
@@ -950,12 +953,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs[budget].setdefault(name, []).append(result)
     tables = {b: {n: summarise(rs) for n, rs in runs[b].items()} for b in BUDGET_TITLES}
     # The best sampler-matched (class-aware) baseline of each budget, by validation mAP.
-    aware = [n for n in ("bce_aware", *OTHER_BASELINES) if n.endswith("_aware") and n in chosen]
     best_aware = {}
-    for b in runs:
-        cands = [n for n in aware if n in runs[b]]
-        if cands:
-            best_aware[b] = max(cands, key=lambda n: _num(chosen[n]["val_map"]["total"]))
+    for b, rows in runs.items():
+        aware = [
+            n for n in rows if not VARIANTS[n].is_mlcnc and VARIANTS[n].sampling == "class_aware"
+        ]
+        if aware:
+            best_aware[b] = best_by_validation(aware, chosen)
     differences = {}
     for b in BUDGET_TITLES:
         for other in (best_aware.get(b), "bce_uniform", best_other):

@@ -31,6 +31,7 @@ DATA_NAMES = ("synthetic_lt", "coco_lt", "voc_lt", "coco_json", "csv")
 IMAGE_SOURCES = ("files", "tfds")
 SAMPLINGS = ("class_aware", "uniform")
 SYNTHETIC_CLASSES = ("target", "pretrain")
+SYNTHETIC_TRAIN_SPLITS = ("planned", "dbloss")
 MODEL_NAMES = ("mlcnc", "baseline")
 ATTENTIONS = ("mha", "cosine")
 CLASSIFIERS = ("etf", "etf_trainable", "linear", "text")
@@ -77,7 +78,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_source": _one_of(IMAGE_SOURCES),
     "data.sampling": _one_of(SAMPLINGS),
     "data.synthetic_classes": _one_of(SYNTHETIC_CLASSES),
-    "data.synthetic_train_split": _one_of(("planned", "dbloss")),
+    "data.synthetic_train_split": _one_of(SYNTHETIC_TRAIN_SPLITS),
     "data.head_min": _int_at_least(1),
     "data.tail_max": _int_at_least(1),
     "data.val_fraction": _real(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
