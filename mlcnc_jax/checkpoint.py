@@ -19,6 +19,33 @@ from mlcnc_jax import storage
 # The parts of a saved TrainState that the model itself needs.
 VARIABLE_COLLECTIONS = ("params", "batch_stats", "etf")
 
+# orbax writes a replicated jax.Array "replica-parallel" by default: each replica writes a
+# slice of it, which costs one device-side slice per array and replica. For the many small
+# arrays of a training state on an 8-device host that is about 5,800 slices and 7 s per
+# save on CPU, where one replica writes them at once; so only arrays whose per-replica
+# slice is at least this large are written replica-parallel.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
+
+
+def _write_small_arrays_from_one_replica() -> None:
+    """Sets orbax's jax.Array handler to MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL.
+
+    Leaves a handler alone that is not orbax's default (one a user registered).
+    """
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    if type(default) is not ocp.type_handlers.ArrayHandler:
+        return
+    if getattr(default, "_min_slice_bytes_for_replica_parallel", None) is not None:
+        return
+    handler = ocp.type_handlers.ArrayHandler(
+        array_metadata_store=getattr(default, "_array_metadata_store", None),
+        min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
+    )
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+_write_small_arrays_from_one_replica()
+
 
 def model_fingerprint(config: Any, class_names: list[str]) -> dict:
     """What shapes a checkpoint: the model settings (not where weights came from) and classes."""
