@@ -35,5 +35,14 @@ def lt_splits_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> str:
-    """One data root for the whole session: the built-in data is generated once per size."""
+    """One data root for the whole session: the built-in data is generated once per size.
+
+    Under pytest-xdist (`-n 2`) the workers share it (the session's common temp folder):
+    `synthetic.load` holds a lock while it generates, so the first worker to need a
+    dataset makes it and the others wait for it.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "datasets"
+        root.mkdir(exist_ok=True)
+        return str(root)
     return str(tmp_path_factory.mktemp("datasets"))

@@ -2,6 +2,7 @@
 
 import io
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -184,3 +185,26 @@ def test_preview_writes_grid(target, tmp_path):
     synthetic.preview(ds, out, n=6)
     img = Image.open(out)
     assert img.width >= 3 * 64 and img.height >= 2 * 64
+
+
+def test_generation_lock_makes_a_second_generator_wait(tmp_path):
+    pytest.importorskip("fcntl")
+    events = []
+
+    def second():
+        with synthetic.generation_lock(tmp_path, "target_32"):
+            events.append("second in")
+
+    with synthetic.generation_lock(tmp_path, "target_32"):
+        events.append("first in")
+        other = threading.Thread(target=second)
+        other.start()
+        other.join(timeout=0.5)
+        assert other.is_alive() and events == ["first in"]  # still waiting for the lock
+        events.append("first out")
+    other.join(timeout=10)
+    assert events == ["first in", "first out", "second in"]
+    # Another dataset has its own lock.
+    with synthetic.generation_lock(tmp_path, "target_32"):
+        with synthetic.generation_lock(tmp_path, "pretrain_32"):
+            pass

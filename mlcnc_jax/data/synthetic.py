@@ -23,6 +23,7 @@ which classes are head/medium/tail, the label of every image and every pixel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -702,6 +703,28 @@ def _read_split(ds_builder: SyntheticLt, split: str) -> dataset_lib.Split:
     return dataset_lib.Split(images=[bytes(e[1]) for e in examples], labels=labels, ids=ids)
 
 
+@contextlib.contextmanager
+def generation_lock(root: pathlib.Path, name: str) -> Iterator[None]:
+    """Holds `<root>/.synthetic_lt_<name>.lock` exclusively while one process generates.
+
+    Runs that start together on one machine (the quality benchmark's workers, a parallel
+    test session) then generate each dataset once: the others wait, then read it. Where
+    there is no `fcntl` (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".synthetic_lt_{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load(config) -> dataset_lib.MultiLabelDataset:
     """Loads `synthetic_lt`, generating it first into config.data.root if needed.
 
@@ -729,16 +752,24 @@ def load(config) -> dataset_lib.MultiLabelDataset:
         config.data.synthetic_train_split,
     )
     if not ds_builder.is_prepared():
-        print(
-            f"Generating synthetic_lt/{ds_builder.builder_config.name} into {ds_builder.data_dir} ...",
-            flush=True,
-        )
-        start = time.perf_counter()
-        ds_builder.download_and_prepare()
-        print(
-            f"Generated synthetic_lt/{ds_builder.builder_config.name} in {time.perf_counter() - start:.1f} s",
-            flush=True,
-        )
+        name = ds_builder.builder_config.name
+        with generation_lock(root, name):
+            # Another process may have generated it while this one waited for the lock.
+            ds_builder = builder(
+                classes,
+                config.data.image_size,
+                config.data.synthetic_seed,
+                root,
+                config.data.synthetic_train_split,
+            )
+            if not ds_builder.is_prepared():
+                print(f"Generating synthetic_lt/{name} into {ds_builder.data_dir} ...", flush=True)
+                start = time.perf_counter()
+                ds_builder.download_and_prepare()
+                print(
+                    f"Generated synthetic_lt/{name} in {time.perf_counter() - start:.1f} s",
+                    flush=True,
+                )
     train = _read_split(ds_builder, "train")
     test = _read_split(ds_builder, "test")
     return dataset_lib.MultiLabelDataset(
