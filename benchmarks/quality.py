@@ -76,6 +76,9 @@ class Protocol:
     lr_grid: tuple[float, ...] = (1e-3, 3e-3)
     logit_scale_grid: tuple[float, ...] = (8.0, 16.0)
     vit_pretrain_steps: int = 0  # 0: configs/pretrain.py's (10 epochs of the 10,000 images)
+    # A trunk below this test mAP on its own classes (chance about 8) has learned too little
+    # for fine-tuning from it to show anything: its rows are not run (the ResNet one has 95+).
+    min_trunk_map: float = 50.0
 
 
 QUICK = Protocol(
@@ -87,6 +90,7 @@ QUICK = Protocol(
     lr_grid=(1e-3,),
     logit_scale_grid=(16.0,),
     vit_pretrain_steps=10,
+    min_trunk_map=0.0,
 )
 
 
@@ -224,6 +228,17 @@ class Job:
     @classmethod
     def of(cls, tag: str, config) -> Job:
         return cls(tag, config, f"{tag}_{config_hash(config)}")
+
+
+def weak_trunk(trunk: dict, protocol: Protocol) -> list[str]:
+    """[why its rows are not run] for a pre-trained trunk below protocol.min_trunk_map, else []."""
+    trunk_map = max(_num(trunk["map"]["total"]), _num(trunk["map_ema"]["total"]))
+    if trunk_map >= protocol.min_trunk_map:
+        return []
+    return [  # NaN (a trunk without a score) too
+        f"the rows of part 'vit': its trunk reached only {trunk_map:.1f} mAP on its own "
+        f"classes (below {protocol.min_trunk_map:g}), too little to fine-tune from"
+    ]
 
 
 def vit_pretrain_job(data_root: str, protocol: Protocol) -> Job:
@@ -743,7 +758,12 @@ def write_report(out_dir: str, payload: dict, protocol: Protocol, command: str) 
             f"- ViT trunk (part 'vit'): `{VIT_BACKBONE}` pre-trained by configs/pretrain.py "
             f"(lr {VIT_PRETRAIN_LR:g}) on the 'pretrain' classes in {v['seconds'] / 60:.1f} min: "
             f"{_num(v['test_map']):.1f} mAP (EMA {_num(v['test_map_ema']):.1f}) on their test "
-            "split. Its rows use the learning rates chosen for the ResNet rows."
+            "split."
+            + (
+                " Its rows use the learning rates chosen for the ResNet rows."
+                if payload.get("runs", {}).get("vit")
+                else ""
+            )
         )
     if payload.get("not_run"):
         lines.append(f"- Not run in this file: {payload['not_run']}.")
@@ -924,13 +944,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "second_split" in parts:  # MAIN's rows with their settings chosen on the first split
             for name in MAIN:
                 add("second", name, protocol.long_steps, protocol.other_seeds)
-        vit_trunk = None
+        vit_trunk, vit_not_run = None, []
         if "vit" in parts:
             (vit_trunk,) = runner.run_all([vit_pretrain_job(data_root, protocol)])
             if vit_trunk.get("error"):
                 raise RuntimeError(f"The ViT trunk's pre-training diverged: {vit_trunk['error']}")
-            for name in VIT_ROWS:
-                add("vit", name, protocol.long_steps, protocol.other_seeds, vit_trunk["workdir"])
+            vit_not_run = weak_trunk(vit_trunk, protocol)
+            if vit_not_run:
+                print(f"Not running {vit_not_run[0]}", flush=True)
+            else:
+                for name in VIT_ROWS:
+                    add(
+                        "vit", name, protocol.long_steps, protocol.other_seeds, vit_trunk["workdir"]
+                    )
         # Seed-major, so that a deadline leaves every row and budget some seeds.
         order = sorted(
             range(len(jobs)),
@@ -980,7 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if vit_trunk:
         run_seconds += vit_trunk["seconds"]
-    not_run = [f"part '{p}'" for p in PARTS if p not in parts]
+    not_run = [f"part '{p}'" for p in PARTS if p not in parts] + vit_not_run
     if skipped:
         not_run.append(f"{len(skipped)} runs past the deadline ({', '.join(skipped)})")
     payload = {

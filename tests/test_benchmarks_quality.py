@@ -101,3 +101,17 @@ def test_cache_key_ignores_a_later_field_at_its_old_value():
     c.data.synthetic_train_split = "planned"
     c.train.learning_rate = 3e-3
     assert quality.config_hash(c) != key
+
+
+def test_a_trunk_that_learned_too_little_gets_no_rows():
+    def trunk(raw, ema):
+        return {"map": {"total": raw}, "map_ema": {"total": ema}}
+
+    full = quality.Protocol()
+    assert full.min_trunk_map == 50.0
+    assert quality.weak_trunk(trunk(96.0, 97.0), full) == []
+    assert quality.weak_trunk(trunk(11.4, 60.0), full) == []  # the better of raw and EMA
+    (why,) = quality.weak_trunk(trunk(11.4, 11.3), full)
+    assert "only 11.4 mAP" in why and "below 50" in why
+    assert quality.weak_trunk(trunk(None, None), full)  # no score: no rows
+    assert quality.weak_trunk(trunk(8.0, 8.0), quality.QUICK) == []  # the smoke test runs them
