@@ -744,24 +744,22 @@ def load(config) -> dataset_lib.MultiLabelDataset:
             f"config.data.synthetic_classes must be 'target' or 'pretrain', got {classes!r}"
         )
     root = pathlib.Path(os.path.expanduser(config.data.root))
-    ds_builder = builder(
-        classes,
-        config.data.image_size,
-        config.data.synthetic_seed,
-        root,
-        config.data.synthetic_train_split,
-    )
+
+    def make_builder() -> SyntheticLt:
+        return builder(
+            classes,
+            config.data.image_size,
+            config.data.synthetic_seed,
+            root,
+            config.data.synthetic_train_split,
+        )
+
+    ds_builder = make_builder()
     if not ds_builder.is_prepared():
         name = ds_builder.builder_config.name
         with generation_lock(root, name):
             # Another process may have generated it while this one waited for the lock.
-            ds_builder = builder(
-                classes,
-                config.data.image_size,
-                config.data.synthetic_seed,
-                root,
-                config.data.synthetic_train_split,
-            )
+            ds_builder = make_builder()
             if not ds_builder.is_prepared():
                 print(f"Generating synthetic_lt/{name} into {ds_builder.data_dir} ...", flush=True)
                 start = time.perf_counter()
