@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from mlcnc_jax import storage
 
@@ -41,7 +42,13 @@ def _write_small_arrays_from_one_replica() -> None:
         array_metadata_store=getattr(default, "_array_metadata_store", None),
         min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
     )
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    # orbax logs a warning for every override; this one is the project's own, on import.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 _write_small_arrays_from_one_replica()
