@@ -159,6 +159,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128
+    # 0: score the whole test split; N: an evenly spaced N of its images (quick checks of a
+    # long run, or of a huge test split; the console says so, and such numbers are not results).
+    c.eval.max_images = 0
 
     c.predict = ml_collections.ConfigDict()
     c.predict.threshold = 0.5

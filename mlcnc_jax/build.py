@@ -337,6 +337,11 @@ def build(
             )
         )
     dataset = sources.load_dataset(config)
+    if is_main and config.eval.max_images:
+        console.say(
+            f"Evaluation on {len(dataset.test)} evenly spaced test images "
+            f"(eval.max_images = {config.eval.max_images}; 0 scores the whole split)"
+        )
     plan = make_schedule(config, dataset.train.labels)
     model = create_model(config, dataset.num_classes, axis_name=placement.axis_name)
     eval_model = create_model(config, dataset.num_classes) if placement.axis_name else model

@@ -120,6 +120,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.checkpoint_every_steps": _int_at_least(1),
     "train.keep_checkpoints": _int_at_least(1),
     "eval.batch_size": _int_at_least(1),
+    "eval.max_images": _int_at_least(0),
     "predict.threshold": _real(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
 }
 

@@ -54,6 +54,7 @@ NOT_COMPARED = {
     "train.keep_best": "whether the best checkpoint is kept on disk",
     "train.eval_every_epochs": "evaluation reads the state, it never changes it",
     "eval.batch_size": "evaluation pads batches with a mask: every image is scored once",
+    "eval.max_images": "how much of the test split evaluation scores; training is untouched",
     "data.download_splits": "whether missing split files are fetched",
     "model.pretrained": "read at step 0 only; a resume restores the weights of the checkpoint",
     "parallel": "the jit and pmap paths compute the same numbers",

@@ -63,6 +63,7 @@ def test_one_error_names_every_bad_field_and_its_range():
         ("train.backbone_lr_multiplier", -1.0, ">= 0"),
         ("train.batch_size", 0, ">= 1"),
         ("eval.batch_size", 0, ">= 1"),
+        ("eval.max_images", -1, ">= 0"),
         ("train.num_epochs", 0, ">= 1"),
         ("train.eval_every_epochs", 0, ">= 1"),
         ("train.weight_decay", -1.0, ">= 0"),

@@ -193,6 +193,21 @@ def test_small_coco_loads(small_coco):
     assert ds.test.ids == [10, 11]
 
 
+def test_eval_max_images_keeps_an_evenly_spaced_part_of_the_test_split(small_coco):
+    split = Split(
+        images=[f"{i}.jpg" for i in range(10)], labels=np.eye(10)[:, :3], ids=list(range(10))
+    )
+    part = sources.spaced_subset(split, 4)
+    assert part.ids == [0, 3, 6, 9] and part.images == ["0.jpg", "3.jpg", "6.jpg", "9.jpg"]
+    np.testing.assert_array_equal(part.labels, split.labels[[0, 3, 6, 9]])
+    config = _coco_config(small_coco)
+    config.eval.max_images = 1
+    ds = sources.load_dataset(config)
+    assert ds.test.ids == [10] and ds.train.ids == [2, 3, 1]  # training data untouched
+    config.eval.max_images = 5  # more than the split has: all of it
+    assert sources.load_dataset(config).test.ids == [10, 11]
+
+
 def test_missing_dataset_dir(tmp_path, lt_splits_dir):
     with pytest.raises(FileNotFoundError, match="COCO directory .*nope.*config.data.root"):
         sources.load_dataset(_coco_config(tmp_path / "nope", split_dir=str(lt_splits_dir)))

@@ -113,7 +113,16 @@ def load_dataset(config: ml_collections.ConfigDict) -> MultiLabelDataset:
         dataset = dataclasses.replace(dataset, train=train, test=test, class_split=class_split)
     if d.val_fraction > 0:
         dataset = carve_validation(dataset, d.val_fraction, config.seed)
+    if 0 < config.eval.max_images < len(dataset.test):
+        dataset = dataclasses.replace(
+            dataset, test=spaced_subset(dataset.test, config.eval.max_images)
+        )
     return dataset
+
+
+def spaced_subset(split: Split, n: int) -> Split:
+    """`n` images of `split`, evenly spaced over it (first and last included), in order."""
+    return subset(split, np.round(np.linspace(0, len(split) - 1, n)).astype(np.int64))
 
 
 def subset(split: Split, indices) -> Split:
