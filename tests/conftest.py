@@ -8,13 +8,19 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # The suite builds the same tiny models many times (and in subprocesses, which inherit this):
-# XLA's compiled programs are cached on disk for the session, so each compiles once.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# XLA's compiled programs are cached on disk for the session, so each compiles once. One
+# cache per pytest process (each pytest-xdist worker makes its own, instead of inheriting
+# the controller's): JAX writes a cache file without a lock, so a process reading an entry
+# that another is still writing would load half an executable (and abort).
+_OWNER = "MLCNC_JAX_TEST_XLA_CACHE_OWNER"
+_INHERITED = os.environ.get(_OWNER) not in (None, str(os.getpid()))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or _INHERITED:
     import atexit
     import shutil
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlcnc_jax_test_xla_")
+    os.environ[_OWNER] = str(os.getpid())
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 

@@ -24,10 +24,10 @@ def outputs_of(cell) -> tuple[str, int]:
     return "".join(text), images
 
 
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+def test_quickstart_notebook_runs(tmp_path, monkeypatch, data_root):
     monkeypatch.setenv("MLCNC_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("MLCNC_NOTEBOOK_WORKDIR", str(tmp_path / "workdir"))
-    monkeypatch.setenv("MLCNC_NOTEBOOK_DATA", str(tmp_path / "datasets"))
+    monkeypatch.setenv("MLCNC_NOTEBOOK_DATA", data_root)  # the session's generated data
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(

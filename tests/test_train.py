@@ -23,6 +23,7 @@ def tiny_config(data_root: str, **overrides):
     c.model.num_heads = 2
     c.train.batch_size = 16
     c.eval.batch_size = 256
+    c.eval.max_images = 256  # evenly spaced over the 2,400 test images: one batch
     c.train.steps_per_epoch = 3
     c.train.num_epochs = 2
     c.train.log_every_steps = 2
