@@ -197,7 +197,7 @@ _SALT: dict[str, str | None] = {"synthetic_lt": None, "trunk": None}
 
 # Config fields added after runs were cached, with their value then: left out of the key at
 # that value, so that the cached runs stay valid.
-_ADDED_FIELDS = {("data", "synthetic_train_split"): "planned"}
+_ADDED_FIELDS = {("data", "synthetic_train_split"): "planned", ("eval", "max_images"): 0}
 
 
 def config_hash(config) -> str:
@@ -253,6 +253,78 @@ def vit_pretrain_job(data_root: str, protocol: Protocol) -> Job:
     c.train.learning_rate = VIT_PRETRAIN_LR
     job = Job.of("pretrain_vit", c)
     return dataclasses.replace(job, keep_workdir=True)
+
+
+def seed_cache(results_path: str, cache_dir: str, protocol: Protocol, data_root: str) -> int:
+    """Fills the run cache from a results file of this script (e.g. the committed quality.json).
+
+    A fresh checkout then adds parts without rerunning the runs that file reports. Its final
+    runs carry their cache keys; its selection runs are keyed again from the protocol, after
+    checking that the rebuilt configs hash as the file says (else nothing is taken from it).
+    A ViT trunk comes without its checkpoints: enough to know it is too weak to fine-tune.
+
+    Returns:
+      How many records were written (the ones already cached are left alone).
+    """
+    with open(results_path) as f:
+        payload = json.load(f)
+    records: dict[str, dict] = {}
+    for rows in payload["runs"].values():
+        for row in rows.values():
+            for r in row:
+                records[f"{r['tag']}_{r['config_hash']}"] = r
+    chosen = payload["selection"]
+    if "mlcnc" in chosen and payload["runs"].get("long", {}).get("mlcnc"):
+        first = payload["runs"]["long"]["mlcnc"][0]
+        seed = int(first["tag"].rsplit("_s", 1)[1])
+        (job,) = final_jobs(
+            "mlcnc", chosen["mlcnc"], protocol.long_steps, [seed], protocol, data_root, "long"
+        )
+        if job.key != f"{first['tag']}_{first['config_hash']}":
+            raise ValueError(
+                f"{results_path} was made with other configs than today's (run {job.tag}: "
+                f"hash {first['config_hash']}, now {job.key.rsplit('_', 1)[1]}): none of its "
+                "runs can stand for today's; run the benchmark without --seed_cache."
+            )
+    for name, sel in chosen.items():
+        for point in sel["grid"]:
+            scale = point["logit_scale"]
+            c = run_config(
+                name,
+                protocol.short_steps,
+                protocol,
+                data_root=data_root,
+                lr=point["lr"],
+                logit_scale=scale or 1.0,
+                seed=0,
+                validation=True,
+            )
+            job = Job.of(_val_tag(name, point["lr"], scale), c)
+            records[job.key] = {
+                "tag": job.tag,
+                "config_hash": job.key.rsplit("_", 1)[1],
+                "seconds": point["seconds"],
+                "map": point["val_map"],
+            }
+    if payload.get("vit_trunk"):
+        v, job = payload["vit_trunk"], vit_pretrain_job(data_root, protocol)
+        records[job.key] = {
+            "tag": job.tag,
+            "config_hash": job.key.rsplit("_", 1)[1],
+            "seconds": v["seconds"],
+            "map": {"total": v["test_map"]},
+            "map_ema": {"total": v["test_map_ema"]},
+            "workdir": None,  # not in the file: a strong trunk must be trained again
+        }
+    os.makedirs(os.path.join(cache_dir, "runs"), exist_ok=True)
+    written = 0
+    for key, record in records.items():
+        path = os.path.join(cache_dir, "runs", f"{key}.json")
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                json.dump({**record, "seeded_from": results_path}, f, indent=1)
+            written += 1
+    return written
 
 
 def _workdir(cache_dir: str, job: Job) -> str:
@@ -341,14 +413,17 @@ class Runner:
 
     def _cached(self, job: Job) -> dict | None:
         path = _cache_path(self.cache_dir, job)
-        if job.keep_workdir and not os.path.isdir(
-            os.path.join(_workdir(self.cache_dir, job), "checkpoints")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            record = json.load(f)
+        if (
+            job.keep_workdir
+            and record.get("workdir") is not None
+            and not os.path.isdir(os.path.join(_workdir(self.cache_dir, job), "checkpoints"))
         ):
             return None  # the record outlived its checkpoints: run again
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-        return None
+        return record
 
     def run_all(self, jobs: Sequence[Job]) -> list[dict | None]:
         """Results of `jobs`, in order; the ones not cached run, `workers` at a time.
@@ -875,6 +950,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--data_root", default="~/.cache/mlcnc_jax/datasets", help="where synthetic_lt is kept"
     )
+    parser.add_argument(
+        "--seed_cache",
+        default="",
+        help="a quality.json of an earlier invocation: its runs fill the cache, so that only "
+        "the parts it lacks run (e.g. benchmarks/results/quality.json in a fresh checkout)",
+    )
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     if args.quick and args.parts == parser.get_default("parts"):
@@ -915,6 +996,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 second_split=second,
             )
         )
+    if args.seed_cache:
+        n = seed_cache(args.seed_cache, cache, protocol, data_root)
+        print(f"{n} runs taken from {args.seed_cache} into the cache", flush=True)
     runner = Runner(cache, args.workers)
     try:
         names = list(MAIN) if {"main", "second_split", "vit"} & set(parts) else []
@@ -952,6 +1036,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             vit_not_run = weak_trunk(vit_trunk, protocol)
             if vit_not_run:
                 print(f"Not running {vit_not_run[0]}", flush=True)
+            elif vit_trunk.get("workdir") is None:
+                raise RuntimeError(
+                    "The ViT trunk's record came from --seed_cache without its checkpoints: "
+                    f"delete its file under {os.path.join(cache, 'runs')} (pretrain_vit_*) to "
+                    "train it again."
+                )
             else:
                 for name in VIT_ROWS:
                     add(

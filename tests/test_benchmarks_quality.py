@@ -88,9 +88,9 @@ def test_run_configs_start_from_the_default_and_change_only_their_row():
 def test_cache_key_ignores_a_later_field_at_its_old_value():
     c = _config("mlcnc", 120, validation=True)
     key = quality.config_hash(c)
-    # The key as it was before data.synthetic_train_split existed.
+    # The key as it was before data.synthetic_train_split and eval.max_images existed.
     old = c.to_dict()
-    del old["data"]["synthetic_train_split"]
+    del old["data"]["synthetic_train_split"], old["eval"]["max_images"]
     import hashlib
     import json
 
@@ -115,3 +115,52 @@ def test_a_trunk_that_learned_too_little_gets_no_rows():
     assert "only 11.4 mAP" in why and "below 50" in why
     assert quality.weak_trunk(trunk(None, None), full)  # no score: no rows
     assert quality.weak_trunk(trunk(8.0, 8.0), quality.QUICK) == []  # the smoke test runs them
+
+
+def test_seed_cache_fills_the_cache_from_a_results_file(tmp_path, capsys):
+    import json
+
+    protocol, root = quality.Protocol(), "/d"
+    sel = {"lr": 1e-3, "logit_scale": 8.0, "val_map": {"total": 63.1}}
+    sel["grid"] = [{"lr": 1e-3, "logit_scale": 8.0, "val_map": {"total": 63.1}, "seconds": 5.0}]
+    (final,) = quality.final_jobs("mlcnc", sel, protocol.long_steps, [0], protocol, root, "long")
+    record = {"tag": final.tag, "config_hash": final.key.rsplit("_", 1)[1], "seconds": 9.0}
+    record.update(_result(75.0, 61.0))
+    payload = {
+        "runs": {"long": {"mlcnc": [record]}},
+        "selection": {"mlcnc": sel},
+        "vit_trunk": {"seconds": 60.0, "test_map": 11.4, "test_map_ema": 11.3},
+    }
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(payload))
+    cache = str(tmp_path / "cache")
+    assert quality.seed_cache(str(path), cache, protocol, root) == 3
+    assert quality.seed_cache(str(path), cache, protocol, root) == 0  # cached ones stay
+
+    # The runner finds all three without running anything: the final run, the selection
+    # run (keyed again from its config) and the ViT trunk (no checkpoints, yet cached).
+    c = quality.run_config(
+        "mlcnc",
+        protocol.short_steps,
+        protocol,
+        data_root=root,
+        lr=1e-3,
+        logit_scale=8.0,
+        seed=0,
+        validation=True,
+    )
+    val = quality.Job.of(quality._val_tag("mlcnc", 1e-3, 8.0), c)
+    trunk = quality.vit_pretrain_job(root, protocol)
+    runner = quality.Runner(cache, workers=1, deadline=1.0)  # past: a missing run is skipped
+    got_final, got_val, got_trunk = runner.run_all([final, val, trunk])
+    assert "3 runs: 3 cached, 0 to run" in capsys.readouterr().out
+    assert got_final["map"]["total"] == 75.0 and got_val["map"] == {"total": 63.1}
+    assert got_trunk["map"]["total"] == 11.4 and got_trunk["workdir"] is None
+    assert quality.weak_trunk(got_trunk, protocol)
+
+    # A file made with other configs (another hash for the same run) gives nothing.
+    record["config_hash"] = "0000000000"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="made with other configs than today's"):
+        quality.seed_cache(str(path), str(tmp_path / "other"), protocol, root)
+    assert not (tmp_path / "other" / "runs").exists()
