@@ -201,11 +201,20 @@ _ADDED_FIELDS = {("data", "synthetic_train_split"): "planned", ("eval", "max_ima
 
 
 def config_hash(config) -> str:
-    """Short hash of the config and of the settings outside it: the key of a cached run."""
+    """Short hash of the config and of the settings outside it: the key of a cached run.
+
+    Where the checkout and the data are is left out (the salt says what they hold), so the
+    keys stay the same in another checkout or on another machine.
+    """
+    from mlcnc_jax import trunks
+
     fields = json.loads(config.to_json())
     for (section, field), value in _ADDED_FIELDS.items():
         if fields.get(section, {}).get(field, value) == value:
             fields.get(section, {}).pop(field, None)
+    fields["data"]["root"] = "<data root>"
+    if fields["model"]["pretrained"] == trunks.SYNTHETIC_PRETRAIN:
+        fields["model"]["pretrained"] = "<shipped trunk>"
     text = json.dumps(fields, sort_keys=True) + json.dumps(_SALT, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -258,34 +267,37 @@ def vit_pretrain_job(data_root: str, protocol: Protocol) -> Job:
 def seed_cache(results_path: str, cache_dir: str, protocol: Protocol, data_root: str) -> int:
     """Fills the run cache from a results file of this script (e.g. the committed quality.json).
 
-    A fresh checkout then adds parts without rerunning the runs that file reports. Its final
-    runs carry their cache keys; its selection runs are keyed again from the protocol, after
-    checking that the rebuilt configs hash as the file says (else nothing is taken from it).
-    A ViT trunk comes without its checkpoints: enough to know it is too weak to fine-tune.
+    A fresh checkout then adds parts without rerunning the runs that file reports. Each run
+    is keyed again from its tag, the file's selection and today's configs; a file of another
+    protocol gives nothing. (Its own keys may name another checkout's paths, which older
+    versions of this script hashed.) A ViT trunk comes without its checkpoints: enough to
+    know it is too weak to fine-tune.
 
     Returns:
       How many records were written (the ones already cached are left alone).
     """
     with open(results_path) as f:
         payload = json.load(f)
-    records: dict[str, dict] = {}
-    for rows in payload["runs"].values():
-        for row in rows.values():
-            for r in row:
-                records[f"{r['tag']}_{r['config_hash']}"] = r
-    chosen = payload["selection"]
-    if "mlcnc" in chosen and payload["runs"].get("long", {}).get("mlcnc"):
-        first = payload["runs"]["long"]["mlcnc"][0]
-        seed = int(first["tag"].rsplit("_s", 1)[1])
-        (job,) = final_jobs(
-            "mlcnc", chosen["mlcnc"], protocol.long_steps, [seed], protocol, data_root, "long"
+    if payload["protocol"] != json.loads(json.dumps(dataclasses.asdict(protocol))):
+        raise ValueError(
+            f"{results_path} follows another protocol ({payload['protocol']}) than this "
+            f"invocation ({dataclasses.asdict(protocol)}): none of its runs can stand for "
+            "today's; run the benchmark without --seed_cache."
         )
-        if job.key != f"{first['tag']}_{first['config_hash']}":
-            raise ValueError(
-                f"{results_path} was made with other configs than today's (run {job.tag}: "
-                f"hash {first['config_hash']}, now {job.key.rsplit('_', 1)[1]}): none of its "
-                "runs can stand for today's; run the benchmark without --seed_cache."
-            )
+    chosen = payload["selection"]
+    steps = {"long": protocol.long_steps, "second": protocol.long_steps}
+    steps["short"] = protocol.short_steps
+    records: dict[str, dict] = {}
+    for budget, rows in payload["runs"].items():
+        if budget not in steps:  # the ViT rows name their trunk's workdir: not kept
+            continue
+        for name, row in rows.items():
+            for r in row:
+                seed = int(r["tag"].rsplit("_s", 1)[1])
+                (job,) = final_jobs(
+                    name, chosen[name], steps[budget], [seed], protocol, data_root, budget
+                )
+                records[job.key] = {**r, "tag": job.tag, "config_hash": job.key.rsplit("_", 1)[1]}
     for name, sel in chosen.items():
         for point in sel["grid"]:
             scale = point["logit_scale"]
