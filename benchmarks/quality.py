@@ -34,6 +34,8 @@ verdict, commands, machine), quality.json and quality.png to --out.
     python -m benchmarks.quality --parts main          # the main rows (~75 min, 2 cores)
     python -m benchmarks.quality                       # every part
     python -m benchmarks.quality --quick               # end-to-end smoke test (~3 min)
+    python -m benchmarks.quality --parts main,ablations \
+        --seed_cache benchmarks/results/quality.json   # a fresh checkout: reuse its runs
 """
 
 from __future__ import annotations
@@ -300,18 +302,7 @@ def seed_cache(results_path: str, cache_dir: str, protocol: Protocol, data_root:
                 records[job.key] = {**r, "tag": job.tag, "config_hash": job.key.rsplit("_", 1)[1]}
     for name, sel in chosen.items():
         for point in sel["grid"]:
-            scale = point["logit_scale"]
-            c = run_config(
-                name,
-                protocol.short_steps,
-                protocol,
-                data_root=data_root,
-                lr=point["lr"],
-                logit_scale=scale or 1.0,
-                seed=0,
-                validation=True,
-            )
-            job = Job.of(_val_tag(name, point["lr"], scale), c)
+            job = val_job(name, point["lr"], point["logit_scale"], protocol, data_root)
             records[job.key] = {
                 "tag": job.tag,
                 "config_hash": job.key.rsplit("_", 1)[1],
@@ -529,8 +520,19 @@ def _fmt(result: dict) -> str:
 # ----------------------------------------------------------------------------- protocol
 
 
-def _val_tag(name: str, lr: float, scale: float | None) -> str:
-    return f"val_{name}_lr{lr:g}" + (f"_g{scale:g}" if scale is not None else "")
+def val_job(name: str, lr: float, scale: float | None, protocol: Protocol, data_root: str) -> Job:
+    """One selection run: the short budget on the validation split, seed 0."""
+    c = run_config(
+        name,
+        protocol.short_steps,
+        protocol,
+        data_root=data_root,
+        lr=lr,
+        logit_scale=scale or 1.0,
+        seed=0,
+        validation=True,
+    )
+    return Job.of(f"val_{name}_lr{lr:g}" + (f"_g{scale:g}" if scale is not None else ""), c)
 
 
 def select(runner: Runner, names: Sequence[str], protocol: Protocol, data_root: str) -> dict:
@@ -544,21 +546,11 @@ def select(runner: Runner, names: Sequence[str], protocol: Protocol, data_root: 
     """
 
     def grid_jobs(name: str, scales: Sequence[float | None]) -> list[tuple[Job, float, Any]]:
-        out = []
-        for scale in scales:
-            for lr in protocol.lr_grid:
-                c = run_config(
-                    name,
-                    protocol.short_steps,
-                    protocol,
-                    data_root=data_root,
-                    lr=lr,
-                    logit_scale=scale or 1.0,
-                    seed=0,
-                    validation=True,
-                )
-                out.append((Job.of(_val_tag(name, lr, scale), c), lr, scale))
-        return out
+        return [
+            (val_job(name, lr, scale, protocol, data_root), lr, scale)
+            for scale in scales
+            for lr in protocol.lr_grid
+        ]
 
     def choose(points: list[tuple[Job, float, Any]], results: list[dict]) -> dict:
         grid = [

@@ -148,17 +148,7 @@ def test_seed_cache_fills_the_cache_from_a_results_file(tmp_path, capsys):
 
     # The runner finds all three without running anything: the final run, the selection
     # run (keyed again from its config) and the ViT trunk (no checkpoints, yet cached).
-    c = quality.run_config(
-        "mlcnc",
-        protocol.short_steps,
-        protocol,
-        data_root=root,
-        lr=1e-3,
-        logit_scale=8.0,
-        seed=0,
-        validation=True,
-    )
-    val = quality.Job.of(quality._val_tag("mlcnc", 1e-3, 8.0), c)
+    val = quality.val_job("mlcnc", 1e-3, 8.0, protocol, root)
     trunk = quality.vit_pretrain_job(root, protocol)
     runner = quality.Runner(cache, workers=1, deadline=1.0)  # past: a missing run is skipped
     got_final, got_val, got_trunk = runner.run_all([final, val, trunk])
