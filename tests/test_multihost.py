@@ -207,8 +207,8 @@ def check_run(records, reference, workdir, *, num_processes, local_devices, firs
         assert r["final_step"] == STEPS
         # Every process computes the global batch's loss: that of the single-process run.
         np.testing.assert_allclose(r["losses"], seen["losses"][first_step:], rtol=TOL, atol=TOL)
-        # Test-set scores (all 2,400 images over all hosts) give the same per-class AP. (The
-        # scores of a 4-step model are nearly tied, so rounding reorders a few: AP to 1e-3.)
+        # Test-set scores (the tiny config's 256 evaluation images, over all hosts) give the same
+        # per-class AP. (A 4-step model's scores are nearly tied, so rounding reorders a few.)
         np.testing.assert_allclose(r["ap_raw"], reference["results"]["raw"]["ap"], atol=1e-3)
 
     # Each host read only its own contiguous slice of the single-process global batch.
