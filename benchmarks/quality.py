@@ -1082,7 +1082,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             best_aware[b] = best_by_validation(aware, chosen)
     differences = {}
     for b in BUDGET_TITLES:
-        for other in (best_aware.get(b), "bce_uniform", best_other):
+        # The best sampler-matched baseline by validation, BCE with the same sampler (the
+        # plainest one) and with uniform sampling, and the best of the other baselines.
+        for other in dict.fromkeys((best_aware.get(b), "bce_aware", "bce_uniform", best_other)):
             if other and "mlcnc" in runs[b] and other in runs[b]:
                 differences[f"mlcnc − {other}, {b}"] = compare(runs[b], "mlcnc", other)
     for name in (
