@@ -236,6 +236,10 @@ class Job:
     key: str = ""
     keep_workdir: bool = False  # keep the checkpoints (a trunk); else deleted
 
+    @property
+    def config_hash(self) -> str:
+        return self.key.rsplit("_", 1)[1]
+
     @classmethod
     def of(cls, tag: str, config) -> Job:
         return cls(tag, config, f"{tag}_{config_hash(config)}")
@@ -287,8 +291,11 @@ def seed_cache(results_path: str, cache_dir: str, protocol: Protocol, data_root:
             "today's; run the benchmark without --seed_cache."
         )
     chosen = payload["selection"]
-    steps = {"long": protocol.long_steps, "second": protocol.long_steps}
-    steps["short"] = protocol.short_steps
+    steps = {
+        "long": protocol.long_steps,
+        "second": protocol.long_steps,
+        "short": protocol.short_steps,
+    }
     records: dict[str, dict] = {}
     for budget, rows in payload["runs"].items():
         if budget not in steps:  # the ViT rows name their trunk's workdir: not kept
@@ -299,13 +306,13 @@ def seed_cache(results_path: str, cache_dir: str, protocol: Protocol, data_root:
                 (job,) = final_jobs(
                     name, chosen[name], steps[budget], [seed], protocol, data_root, budget
                 )
-                records[job.key] = {**r, "tag": job.tag, "config_hash": job.key.rsplit("_", 1)[1]}
+                records[job.key] = {**r, "tag": job.tag, "config_hash": job.config_hash}
     for name, sel in chosen.items():
         for point in sel["grid"]:
             job = val_job(name, point["lr"], point["logit_scale"], protocol, data_root)
             records[job.key] = {
                 "tag": job.tag,
-                "config_hash": job.key.rsplit("_", 1)[1],
+                "config_hash": job.config_hash,
                 "seconds": point["seconds"],
                 "map": point["val_map"],
             }
@@ -313,7 +320,7 @@ def seed_cache(results_path: str, cache_dir: str, protocol: Protocol, data_root:
         v, job = payload["vit_trunk"], vit_pretrain_job(data_root, protocol)
         records[job.key] = {
             "tag": job.tag,
-            "config_hash": job.key.rsplit("_", 1)[1],
+            "config_hash": job.config_hash,
             "seconds": v["seconds"],
             "map": {"total": v["test_map"]},
             "map_ema": {"total": v["test_map_ema"]},
@@ -351,7 +358,7 @@ def execute(job: Job, cache_dir: str) -> dict:
         results, error = build.train_and_evaluate(config, workdir), None
     except FloatingPointError as e:  # a diverged run is a result (of a bad setting)
         results, error = None, str(e).splitlines()[0]
-    result = {"tag": job.tag, "config_hash": job.key.rsplit("_", 1)[1]}
+    result = {"tag": job.tag, "config_hash": job.config_hash}
     result["seconds"] = time.perf_counter() - start
     result["load_average"] = os.getloadavg()[0]
     if results is None:
