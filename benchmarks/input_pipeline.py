@@ -55,12 +55,14 @@ def measure(split: Split, cores: int, batch: int, batches: int) -> float:
     """Images per second of the training stream with tf.data limited to `cores` threads."""
     config = default.get_config()
     config.data.image_size, config.data.resize_size = 224, 256
-    ds = pipeline.train_dataset(split, config, global_batch=batch, process_index=0, process_count=1)
+    ds = pipeline.train_dataset(
+        split, config, global_batch=batch, num_steps=batches + 3, process_index=0, process_count=1
+    )
     options = tf.data.Options()
     options.threading.private_threadpool_size = cores
     options.threading.max_intra_op_parallelism = 1
     it = ds.with_options(options).as_numpy_iterator()
-    for _ in range(3):  # warm-up: tracing, autotuning, filling the prefetch buffer
+    for _ in range(3):  # warm-up: tracing, filling the prefetch buffer
         next(it)
     start = time.perf_counter()
     for _ in range(batches):

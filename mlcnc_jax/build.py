@@ -255,7 +255,7 @@ class Experiment:
         return state
 
     def train_batches(self, start_step: int = 0) -> Iterator[dict]:
-        """This host's batches of the tf.data pipeline from global step `start_step` on."""
+        """This host's batches of the tf.data pipeline from global step `start_step` to the end."""
         from mlcnc_jax.data import pipeline
 
         return pipeline.train_batches(
@@ -263,6 +263,7 @@ class Experiment:
             self.config,
             global_batch=self.config.train.batch_size,
             start_step=start_step,
+            num_steps=max(0, self.plan.total_steps - start_step),
         )
 
     def train(self, wrap_batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None) -> dict:
@@ -279,8 +280,8 @@ class Experiment:
         try:
             return self.trainer.train(state, batches)
         finally:
-            # Close the tf.data iterator now: finalised at interpreter exit, its
-            # generator warns that Python is already gone.
+            # Free the tf.data iterator (its threads and buffers) now: one process may
+            # train many runs (benchmarks/quality.py).
             close = getattr(batches, "close", None)
             if close is not None:
                 close()

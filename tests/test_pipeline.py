@@ -8,7 +8,7 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from configs import default
-from mlcnc_jax.data import pipeline
+from mlcnc_jax.data import pipeline, sampling
 from mlcnc_jax.data.dataset import Split
 
 SIZE, RESIZE = 32, 36
@@ -97,6 +97,42 @@ def test_uniform_is_a_permutation():
     assert not np.array_equal(order, pipeline.sample_order(labels, "uniform", 1, 0))
 
 
+@pytest.mark.parametrize("sampling_name", ["uniform", "class_aware"])
+def test_steps_follow_the_epoch_orders_and_the_stream(sampling_name):
+    # Host 1 of 2, global batch 6, from step 5 on: positions and indices by hand,
+    # straddling epoch boundaries; the endless stream yields the same samples.
+    labels = _split(n=10, k=3).labels
+    size = pipeline.epoch_size(labels, sampling_name)
+    orders = np.concatenate([pipeline.sample_order(labels, sampling_name, e, 4) for e in range(20)])
+    steps = dict(global_batch=6, host=1, host_batch=3, start_step=5)
+    positions, indices = sampling.steps(labels, sampling_name, 4, num_steps=4, **steps)
+    expect = [s * 6 + 3 + j for s in range(5, 9) for j in range(3)]
+    np.testing.assert_array_equal(positions, expect)
+    np.testing.assert_array_equal(indices, orders[expect])
+    assert positions.max() // size > positions.min() // size  # more than one epoch
+    stream = sampling.stream(labels, sampling_name, 4, **steps)
+    assert [next(stream) for _ in range(40)] == [
+        (s * 6 + 3 + j, int(orders[s * 6 + 3 + j]))
+        for s in range(5, 5 + 40 // 3 + 1)
+        for j in range(3)
+    ][:40]
+
+
+def test_train_batches_end_after_num_steps():
+    batches = pipeline.train_batches(
+        _split(),
+        _config(),
+        global_batch=8,
+        start_step=2,
+        num_steps=3,
+        process_index=0,
+        process_count=1,
+    )
+    assert len(list(batches)) == 3
+    with pytest.raises(ValueError, match="num_steps must be >= 0"):
+        pipeline.train_batches(_split(), _config(), global_batch=8, num_steps=-1)
+
+
 def test_sampling_errors():
     labels = np.array([[1, 0], [1, 0]], np.uint8)
     with pytest.raises(ValueError, match=r"classes \[1\]"):
@@ -111,10 +147,16 @@ def test_sampling_errors():
 def test_train_batches_shapes_range_and_determinism():
     split, config = _split(), _config()
     batches = _take(
-        pipeline.train_batches(split, config, global_batch=8, process_index=0, process_count=1), 3
+        pipeline.train_batches(
+            split, config, global_batch=8, num_steps=6, process_index=0, process_count=1
+        ),
+        3,
     )
     again = _take(
-        pipeline.train_batches(split, config, global_batch=8, process_index=0, process_count=1), 3
+        pipeline.train_batches(
+            split, config, global_batch=8, num_steps=6, process_index=0, process_count=1
+        ),
+        3,
     )
     lo = (0 - np.array(config.data.mean)) / np.array(config.data.std)
     hi = (1 - np.array(config.data.mean)) / np.array(config.data.std)
@@ -131,7 +173,7 @@ def test_train_batches_shapes_range_and_determinism():
     )
     other = next(
         pipeline.train_batches(
-            split, _config(seed=1), global_batch=8, process_index=0, process_count=1
+            split, _config(seed=1), global_batch=8, num_steps=6, process_index=0, process_count=1
         )
     )
     assert not np.array_equal(other["image"], batches[0]["image"])
@@ -143,11 +185,20 @@ def test_resume_equals_skipping_across_epochs():
         _config(sampling="uniform"),
     )  # epoch of 12: batches span epochs
     full = _take(
-        pipeline.train_batches(split, config, global_batch=8, process_index=0, process_count=1), 5
+        pipeline.train_batches(
+            split, config, global_batch=8, num_steps=6, process_index=0, process_count=1
+        ),
+        5,
     )
     resumed = _take(
         pipeline.train_batches(
-            split, config, global_batch=8, start_step=3, process_index=0, process_count=1
+            split,
+            config,
+            global_batch=8,
+            num_steps=6,
+            start_step=3,
+            process_index=0,
+            process_count=1,
         ),
         2,
     )
@@ -167,12 +218,15 @@ def test_resume_equals_skipping_across_epochs():
 def test_host_slices_concatenate_to_single_host_batch(hosts):
     split, config = _split(), _config()
     single = _take(
-        pipeline.train_batches(split, config, global_batch=8, process_index=0, process_count=1), 2
+        pipeline.train_batches(
+            split, config, global_batch=8, num_steps=6, process_index=0, process_count=1
+        ),
+        2,
     )
     per_host = [
         _take(
             pipeline.train_batches(
-                split, config, global_batch=8, process_index=h, process_count=hosts
+                split, config, global_batch=8, num_steps=6, process_index=h, process_count=hosts
             ),
             2,
         )
@@ -187,7 +241,7 @@ def test_host_slices_concatenate_to_single_host_batch(hosts):
 def test_global_batch_must_divide_over_hosts():
     with pytest.raises(ValueError, match="not divisible by the number of processes 3"):
         pipeline.train_batches(
-            _split(), _config(), global_batch=8, process_index=0, process_count=3
+            _split(), _config(), global_batch=8, num_steps=6, process_index=0, process_count=3
         )
     with pytest.raises(ValueError, match="not divisible"):
         pipeline.eval_batches(_split(), _config(), global_batch=8, process_index=0, process_count=3)
@@ -203,7 +257,9 @@ def test_train_reads_jpeg_files(tmp_path):
         img.save(paths[-1], format="JPEG")
     split = Split(images=paths, labels=np.eye(4, dtype=np.uint8), ids=list(range(4)))
     batch = next(
-        pipeline.train_batches(split, _config(), global_batch=4, process_index=0, process_count=1)
+        pipeline.train_batches(
+            split, _config(), global_batch=4, num_steps=6, process_index=0, process_count=1
+        )
     )
     assert batch["image"].shape == (4, SIZE, SIZE, 3) and np.isfinite(batch["image"]).all()
 

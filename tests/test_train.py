@@ -133,7 +133,12 @@ def test_pmap_matches_jit(data_root, tmp_path):
     # change every loss far beyond the tolerance.
     config = tiny_config(
         data_root,
-        **{"loss.warmup_epochs": 0, "train.steps_per_epoch": 2, "train.learning_rate": 1e-5},
+        **{
+            "loss.warmup_epochs": 0,
+            "train.steps_per_epoch": 2,
+            "train.num_epochs": 3,  # the 5 steps compared, within the plan
+            "train.learning_rate": 1e-5,
+        },
     )
     assert config.model.attention_dropout > 0
     jit_losses, jit_state = step_losses(config, tmp_path / "jit", 5)

@@ -238,9 +238,22 @@ def _image_sources(split: Split) -> tuple[tf.Tensor, bool]:
 
 
 def _options() -> tf.data.Options:
+    # No autotuning: its optimisation thread wakes at intervals that grow to a minute,
+    # and deleting an iterator waited for it (up to a minute after every run), while
+    # the tuning itself took CPU from the train step on a small machine. Fixed
+    # parallelism (every core this process may use) and two prefetched batches instead.
     options = tf.data.Options()
     options.deterministic = True
+    options.autotune.enabled = False
     return options
+
+
+def _parallelism() -> int:
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, len(cores) if cores else (os.cpu_count() or 1))
+
+
+PREFETCH_BATCHES = 2
 
 
 def train_dataset(
@@ -249,31 +262,36 @@ def train_dataset(
     *,
     global_batch: int,
     start_step: int = 0,
+    num_steps: int,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> tf.data.Dataset:
-    """The infinite training stream of this host as a tf.data.Dataset (see `train_batches`)."""
+    """This host's training batches as a tf.data.Dataset (see `train_batches`)."""
     _check_data_config(config)
     host_batch, host = _host_slice(global_batch, process_index, process_count)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     labels = np.asarray(split.labels)
     seed = int(config.seed)
     sample_order(labels, config.data.sampling, 0, seed)  # fail here, not inside tf.data
     images, encoded = _image_sources(split)
     labels_t = tf.constant(labels, tf.float32)
 
-    def positions():
-        # Skipped positions are never decoded.
-        return sampling.stream(
-            labels,
-            config.data.sampling,
-            seed,
-            global_batch=global_batch,
-            host=host,
-            host_batch=host_batch,
-            start_step=start_step,
-        )
+    # The run's samples, computed up front (16 bytes a sample): a Python generator as
+    # the source contends with the train step for the GIL and its teardown stalled for
+    # tens of seconds. Skipped positions are never decoded.
+    positions = sampling.steps(
+        labels,
+        config.data.sampling,
+        seed,
+        global_batch=global_batch,
+        host=host,
+        host_batch=host_batch,
+        start_step=start_step,
+        num_steps=num_steps,
+    )
 
     image_size = int(config.data.image_size)
     mean, std = tuple(config.data.mean), tuple(config.data.std)
@@ -288,13 +306,10 @@ def train_dataset(
             "labels": tf.gather(labels_t, index),
         }
 
-    ds = tf.data.Dataset.from_generator(
-        positions,
-        output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)),
-    )
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = tf.data.Dataset.from_tensor_slices(positions)
+    ds = ds.map(load, num_parallel_calls=_parallelism(), deterministic=True)
     ds = ds.batch(host_batch, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return ds.prefetch(PREFETCH_BATCHES).with_options(_options())
 
 
 def train_batches(
@@ -303,10 +318,11 @@ def train_batches(
     *,
     global_batch: int,
     start_step: int = 0,
+    num_steps: int,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict]:
-    """Infinite training batches of this host.
+    """This host's training batches of `num_steps` global steps from `start_step` on.
 
     Global step s holds stream positions [s*G, (s+1)*G); this host yields the
     process_index-th contiguous slice of G / process_count of them, so the
@@ -319,6 +335,7 @@ def train_batches(
       global_batch: G, batch size over all hosts.
       start_step: first global step to yield (resumption); earlier positions are
         skipped without decoding.
+      num_steps: how many steps to yield (the run's remaining steps).
       process_index: this host (default jax.process_index()).
       process_count: number of hosts (default jax.process_count()).
 
@@ -331,6 +348,7 @@ def train_batches(
         config,
         global_batch=global_batch,
         start_step=start_step,
+        num_steps=num_steps,
         process_index=process_index,
         process_count=process_count,
     )
@@ -389,9 +407,9 @@ def eval_dataset(
         }
 
     ds = tf.data.Dataset.from_tensor_slices(positions.astype(np.int64))
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(load, num_parallel_calls=_parallelism(), deterministic=True)
     ds = ds.batch(host_batch, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return ds.prefetch(PREFETCH_BATCHES).with_options(_options())
 
 
 def eval_batches(

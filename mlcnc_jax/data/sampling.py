@@ -80,7 +80,7 @@ def sample_order(labels: np.ndarray, sampling: str, epoch: int, seed: int) -> np
     return draws[class_cycles, np.arange(cycles)[:, None]].reshape(-1)
 
 
-def stream(
+def steps(
     labels: np.ndarray,
     sampling: str,
     seed: int,
@@ -89,8 +89,9 @@ def stream(
     host: int = 0,
     host_batch: int | None = None,
     start_step: int = 0,
-) -> Iterator[tuple[int, int]]:
-    """(stream position, image index) of this host's training samples, from `start_step` on.
+    num_steps: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(stream positions, image indices) of this host's samples of `num_steps` global steps.
 
     Position p of the stream is image `sample_order(labels, sampling, p // E, seed)[p % E]`
     (E the epoch size). Global step s covers positions [s*G, (s+1)*G); host h takes
@@ -105,20 +106,54 @@ def stream(
       host: this host's index.
       host_batch: rows per host (default: G, one host).
       start_step: first global step (resumption); earlier positions are skipped.
+      num_steps: how many global steps, from `start_step` on.
 
-    Yields:
-      (position, image index), host_batch of them per global step, forever.
+    Returns:
+      int64 positions and image indices, [num_steps * host_batch] each, step-major.
     """
     labels = np.asarray(labels)
     host_batch = global_batch if host_batch is None else host_batch
     size = epoch_size(labels, sampling)
-    epoch, order = -1, None
+    step = np.arange(start_step, start_step + num_steps, dtype=np.int64)
+    positions = (
+        step[:, None] * global_batch + host * host_batch + np.arange(host_batch, dtype=np.int64)
+    ).reshape(-1)
+    epochs, offsets = np.divmod(positions, size)
+    indices = np.empty_like(positions)
+    for e in np.unique(epochs):
+        chosen = epochs == e
+        indices[chosen] = sample_order(labels, sampling, int(e), seed)[offsets[chosen]]
+    return positions, indices
+
+
+def stream(
+    labels: np.ndarray,
+    sampling: str,
+    seed: int,
+    *,
+    global_batch: int,
+    host: int = 0,
+    host_batch: int | None = None,
+    start_step: int = 0,
+) -> Iterator[tuple[int, int]]:
+    """`steps` without an end: (stream position, image index), host_batch per global step.
+
+    Arguments as in `steps`; the samples are computed an epoch's worth of steps at a time.
+    """
+    labels = np.asarray(labels)
+    host_batch = global_batch if host_batch is None else host_batch
+    chunk = max(1, -(-epoch_size(labels, sampling) // global_batch))
     step = start_step
     while True:
-        first = step * global_batch + host * host_batch
-        for p in range(first, first + host_batch):
-            e, i = divmod(p, size)
-            if e != epoch:
-                epoch, order = e, sample_order(labels, sampling, e, seed)
-            yield p, int(order[i])
-        step += 1
+        positions, indices = steps(
+            labels,
+            sampling,
+            seed,
+            global_batch=global_batch,
+            host=host,
+            host_batch=host_batch,
+            start_step=step,
+            num_steps=chunk,
+        )
+        yield from zip(positions.tolist(), indices.tolist())
+        step += chunk
