@@ -71,6 +71,9 @@ class Protocol:
 
     short_steps: int = 120  # 10 'epochs' of 12 steps
     long_steps: int = 360  # the default run's 10 x 36
+    # Part 'budget': do the best baselines still improve with 2x and 4x the long budget?
+    double_steps: int = 720
+    quadruple_steps: int = 1440
     epochs: int = 10  # the steps form this many epochs (prototype updates, FLA warm-up unit)
     main_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     other_seeds: tuple[int, ...] = (0, 1, 2)
@@ -86,6 +89,8 @@ class Protocol:
 QUICK = Protocol(
     short_steps=10,
     long_steps=20,
+    double_steps=40,
+    quadruple_steps=80,
     epochs=2,
     main_seeds=(0,),
     other_seeds=(0,),
@@ -131,7 +136,7 @@ MLCNC = Variant("mlcnc", "MLC-NC (default config), class-aware")
 VARIANTS = {v.name: v for v in [MLCNC, *BASELINES, *ABLATIONS]}
 MAIN = ("mlcnc", "bce_aware", "bce_uniform")
 OTHER_BASELINES = tuple(v.name for v in BASELINES if v.name not in MAIN)
-PARTS = ("main", "ablations", "baselines", "second_split", "vit")
+PARTS = ("main", "ablations", "baselines", "second_split", "budget", "vit")
 # The second, independent check: the same classes with another generation seed, the training
 # split made by the long-tailed split builder (lt_builder.py) over a balanced pool with more
 # objects per image, and its own test split.
@@ -139,6 +144,8 @@ SECOND_SPLIT = {"data.synthetic_seed": 1, "data.synthetic_train_split": "dbloss"
 BUDGET_TITLES = {
     "long": "long budget",
     "short": "short budget",
+    "double": "twice the long budget (part 'budget')",
+    "quadruple": "four times the long budget (part 'budget')",
     "second": "second split (synthetic_seed 1, lt_builder's long tail), long budget",
     "vit": "ViT backbone (vit_cpu32, its own trunk pre-trained as the ResNet one), long budget",
 }
@@ -147,6 +154,23 @@ BUDGET_TITLES = {
 VIT_BACKBONE = "vit_cpu32"
 VIT_PRETRAIN_LR = 1e-3
 VIT_ROWS = ("mlcnc", "bce_aware")
+# Part 'budget': the class-aware baselines of the main rows, trained twice and four times
+# as long, show whether the long budget is long enough for them to stop improving.
+LADDER = ("long", "double", "quadruple")
+BUDGET_ROWS = ("bce_aware",)  # and the best of the other baselines, if class-aware
+
+
+def budget_steps(protocol: Protocol) -> dict[str, int]:
+    """Training steps of each budget (a table's runs)."""
+    p = protocol
+    return {
+        "long": p.long_steps,
+        "short": p.short_steps,
+        "double": p.double_steps,
+        "quadruple": p.quadruple_steps,
+        "second": p.long_steps,
+        "vit": p.long_steps,
+    }
 
 
 # ----------------------------------------------------------------------------- configs
@@ -284,21 +308,19 @@ def seed_cache(results_path: str, cache_dir: str, protocol: Protocol, data_root:
     """
     with open(results_path) as f:
         payload = json.load(f)
-    if payload["protocol"] != json.loads(json.dumps(dataclasses.asdict(protocol))):
+    ours = json.loads(json.dumps(dataclasses.asdict(protocol)))
+    # A field the file lacks was added to the protocol later: no run of the file used it.
+    if any(payload["protocol"].get(k, v) != v for k, v in ours.items()):
         raise ValueError(
             f"{results_path} follows another protocol ({payload['protocol']}) than this "
-            f"invocation ({dataclasses.asdict(protocol)}): none of its runs can stand for "
-            "today's; run the benchmark without --seed_cache."
+            f"invocation ({ours}): none of its runs can stand for today's; run the benchmark "
+            "without --seed_cache."
         )
     chosen = payload["selection"]
-    steps = {
-        "long": protocol.long_steps,
-        "second": protocol.long_steps,
-        "short": protocol.short_steps,
-    }
+    steps = budget_steps(protocol)
     records: dict[str, dict] = {}
     for budget, rows in payload["runs"].items():
-        if budget not in steps:  # the ViT rows name their trunk's workdir: not kept
+        if budget == "vit":  # its rows name their trunk's workdir: not kept
             continue
         for name, row in rows.items():
             for r in row:
@@ -823,8 +845,9 @@ def write_report(out_dir: str, payload: dict, protocol: Protocol, command: str) 
         "classes; >= 95 mAP on its own test split, tests/test_trunk.py). Every run but the ViT rows starts from it.",
         f"- Budgets: short {p.short_steps} steps, long {p.long_steps} steps"
         f"{' (the default run)' if p.long_steps == 360 else ''}, "
-        f"batch 64, both as {p.epochs} epochs (prototype updates; MLC-NC's FLA-only warm-up is "
-        "the first); everything else as configs/default.py (Adam, one-cycle, weight decay 1e-4, "
+        f"and (part 'budget', the class-aware baselines of the main rows) twice and four times "
+        f"the long one, {p.double_steps} and {p.quadruple_steps} steps; batch 64, each as {p.epochs} epochs (prototype updates; "
+        "MLC-NC's FLA-only warm-up is the first); everything else as configs/default.py (Adam, one-cycle, weight decay 1e-4, "
         "flip + colour + 3-px shift). Raw weights are evaluated.",
         f"- Selection: validation split of {100 * p.val_fraction:.0f} % carved from the long-"
         f"tailed training split, seed 0, short budget; lr from {list(p.lr_grid)}, MLC-NC's "
@@ -858,7 +881,7 @@ def write_report(out_dir: str, payload: dict, protocol: Protocol, command: str) 
     for budget, summary in tables.items():
         if not summary:
             continue
-        steps = p.short_steps if budget == "short" else p.long_steps
+        steps = budget_steps(p)[budget]
         lines += ["", f"## Test mAP (%), {BUDGET_TITLES[budget]} ({steps} steps)", ""]
         lines += _results_table(summary, chosen)
     if payload["differences"]:
@@ -905,8 +928,10 @@ def write_report(out_dir: str, payload: dict, protocol: Protocol, command: str) 
         f.write("\n".join(lines))
 
 
-def verdicts(runs: dict[str, dict[str, list[dict]]], best_aware: dict[str, str]) -> list[str]:
-    """One sentence per claim of the paper that the runs can speak to."""
+def verdicts(
+    runs: dict[str, dict[str, list[dict]]], best_aware: dict[str, str], protocol: Protocol
+) -> list[str]:
+    """One sentence per claim of the paper that the runs can speak to (and the budget check)."""
     out = []
 
     def claim(budget: str, other: str | None, metric: str, text: str) -> None:
@@ -937,6 +962,22 @@ def verdicts(runs: dict[str, dict[str, list[dict]]], best_aware: dict[str, str])
             "total",
             f"{part} contributes (paper Table 3: MLC-NC minus `{name}`, total), long budget",
         )
+    steps = budget_steps(protocol)
+    for shorter, longer in zip(LADDER, LADDER[1:]):
+        for name, more in runs.get(longer, {}).items():
+            if name in runs.get(shorter, {}):
+                diff = welch_interval(
+                    [_num(r["map"]["total"]) for r in more],
+                    [_num(r["map"]["total"]) for r in runs[shorter][name]],
+                )
+                out.append(
+                    verdict(
+                        diff,
+                        f"More steps still help `{name}` ({steps[longer]} minus "
+                        f"{steps[shorter]} steps, total; if not, {steps[shorter]} steps are "
+                        "enough for it)",
+                    )
+                )
     if not out:
         out.append("No claim can be judged: the runs are missing.")
     return out
@@ -1012,7 +1053,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{n} runs taken from {args.seed_cache} into the cache", flush=True)
     runner = Runner(cache, args.workers)
     try:
-        names = list(MAIN) if {"main", "second_split", "vit"} & set(parts) else []
+        names = list(MAIN) if {"main", "second_split", "budget", "vit"} & set(parts) else []
         names += [n for n in OTHER_BASELINES if "baselines" in parts]
         names += [v.name for v in ABLATIONS if "ablations" in parts]
         if "mlcnc" not in names and any(VARIANTS[n].is_mlcnc for n in names):
@@ -1039,6 +1080,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "second_split" in parts:  # MAIN's rows with their settings chosen on the first split
             for name in MAIN:
                 add("second", name, protocol.long_steps, protocol.other_seeds)
+        if "budget" in parts:
+            for name in dict.fromkeys((*BUDGET_ROWS, best_other)):
+                if name and VARIANTS[name].sampling == "class_aware":
+                    add("double", name, protocol.double_steps, protocol.other_seeds)
+                    add("quadruple", name, protocol.quadruple_steps, protocol.other_seeds)
         vit_trunk, vit_not_run = None, []
         if "vit" in parts:
             (vit_trunk,) = runner.run_all([vit_pretrain_job(data_root, protocol)])
@@ -1063,7 +1109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             range(len(jobs)),
             key=lambda i: (
                 int(jobs[i][2].tag.rsplit("_s", 1)[1]),
-                ("long", "second", "vit", "short").index(jobs[i][0]),
+                ("long", "second", "vit", "short", "double", "quadruple").index(jobs[i][0]),
             ),
         )
         if args.deadline_min > 0:
@@ -1104,6 +1150,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ):
         if "mlcnc" in runs["long"] and name in runs["long"]:
             differences[f"mlcnc − {name}, long"] = compare(runs["long"], "mlcnc", name)
+    for shorter, longer in zip(LADDER, LADDER[1:]):
+        for name in runs[longer]:
+            if name in runs[shorter]:
+                differences[f"{name}: {longer} − {shorter}"] = compare(
+                    {"a": runs[longer][name], "b": runs[shorter][name]}, "a", "b"
+                )
     run_seconds = sum(q["seconds"] for c in chosen.values() for q in c["grid"]) + sum(
         r["seconds"] for r in results if r is not None
     )
@@ -1136,7 +1188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "best_sampler_matched": best_aware,
         "tables": tables,
         "differences": differences,
-        "verdicts": verdicts(runs, best_aware),
+        "verdicts": verdicts(runs, best_aware, protocol),
         "runs": runs,
     }
     write_report(out, payload, protocol, command.strip())

@@ -52,10 +52,26 @@ def test_verdicts_compare_mlcnc_with_the_sampler_matched_baseline():
             "bce_uniform": [_result(69 + d, 50 + d) for d in (0.0, 0.2, -0.1)],
         }
     }
-    lines = quality.verdicts(runs, {"long": "bce_aware"})
+    lines = quality.verdicts(runs, {"long": "bce_aware"}, quality.Protocol())
     tail_vs_aware, total_vs_aware, tail_vs_uniform = lines
     assert "`bce_aware`" in tail_vs_aware and "opposite" in tail_vs_aware
     assert "**yes**" in total_vs_aware and "**yes**" in tail_vs_uniform
+
+
+def test_budget_check_says_whether_twice_the_steps_still_help():
+    long = [_result(76 + d, 64) for d in (0.0, 0.5, -0.5, 0.2, -0.2)]
+    plateau = {
+        "long": {"bce_aware": long},
+        "double": {"bce_aware": [_result(76 + d, 64) for d in (0.1, 0.6, -0.4)]},
+    }
+    climbing = {
+        "long": {"bce_aware": long},
+        "double": {"bce_aware": [_result(79 + d, 64) for d in (0.1, 0.3, -0.2)]},
+    }
+    (flat,) = quality.verdicts(plateau, {}, quality.Protocol())
+    (up,) = quality.verdicts(climbing, {}, quality.Protocol())
+    assert "720 minus 360 steps" in flat and "**not shown**" in flat and "+0.1 points" in flat
+    assert "**yes**" in up and "+3.1 points" in up
 
 
 def _config(name, steps, **changes):
