@@ -19,6 +19,9 @@ changes:
    - part 'second_split': the main rows on a second, independent split (another generation
      seed; the training split made by lt_builder.py from a balanced pool with more objects
      per image), 3 seeds, long budget, with the settings chosen on the first split;
+   - part 'budget': MLC-NC and the class-aware main baselines at 2x and 4x the long
+     budget (BCE class-aware also at 8x), 3 seeds: do more steps still help, and do the
+     verdicts change?
    - part 'vit': a ViT trunk (vit_cpu32) pre-trained on the 'pretrain' classes by
      configs/pretrain.py, then MLC-NC and BCE class-aware fine-tuned from it, 3 seeds.
    The data set stays the same; the seed changes initialisation, sampling and augmentation.
@@ -71,9 +74,11 @@ class Protocol:
 
     short_steps: int = 120  # 10 'epochs' of 12 steps
     long_steps: int = 360  # the default run's 10 x 36
-    # Part 'budget': do the best baselines still improve with 2x and 4x the long budget?
+    # Part 'budget': do MLC-NC and the best baselines still improve with 2x, 4x (and BCE
+    # class-aware 8x) the long budget?
     double_steps: int = 720
     quadruple_steps: int = 1440
+    octuple_steps: int = 2880
     epochs: int = 10  # the steps form this many epochs (prototype updates, FLA warm-up unit)
     main_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     other_seeds: tuple[int, ...] = (0, 1, 2)
@@ -91,6 +96,7 @@ QUICK = Protocol(
     long_steps=20,
     double_steps=40,
     quadruple_steps=80,
+    octuple_steps=160,
     epochs=2,
     main_seeds=(0,),
     other_seeds=(0,),
@@ -146,6 +152,7 @@ BUDGET_TITLES = {
     "short": "short budget",
     "double": "twice the long budget (part 'budget')",
     "quadruple": "four times the long budget (part 'budget')",
+    "octuple": "eight times the long budget (part 'budget')",
     "second": "second split (synthetic_seed 1, lt_builder's long tail), long budget",
     "vit": "ViT backbone (vit_cpu32, its own trunk pre-trained as the ResNet one), long budget",
 }
@@ -154,10 +161,13 @@ BUDGET_TITLES = {
 VIT_BACKBONE = "vit_cpu32"
 VIT_PRETRAIN_LR = 1e-3
 VIT_ROWS = ("mlcnc", "bce_aware")
-# Part 'budget': the class-aware baselines of the main rows, trained twice and four times
-# as long, show whether the long budget is long enough for them to stop improving.
-LADDER = ("long", "double", "quadruple")
-BUDGET_ROWS = ("bce_aware",)  # and the best of the other baselines, if class-aware
+# Part 'budget': MLC-NC and the class-aware baselines of the main rows, trained twice and
+# four times as long, show whether the long budget is long enough for them to stop improving
+# and whether the verdicts change with more steps; BCE class-aware, the plainest baseline,
+# also at eight times.
+LADDER = ("long", "double", "quadruple", "octuple")
+BUDGET_ROWS = ("mlcnc", "bce_aware")  # and the best of the other baselines, if class-aware
+OCTUPLE_ROWS = ("bce_aware",)
 
 
 def budget_steps(protocol: Protocol) -> dict[str, int]:
@@ -168,6 +178,7 @@ def budget_steps(protocol: Protocol) -> dict[str, int]:
         "short": p.short_steps,
         "double": p.double_steps,
         "quadruple": p.quadruple_steps,
+        "octuple": p.octuple_steps,
         "second": p.long_steps,
         "vit": p.long_steps,
     }
@@ -845,8 +856,9 @@ def write_report(out_dir: str, payload: dict, protocol: Protocol, command: str) 
         "classes; >= 95 mAP on its own test split, tests/test_trunk.py). Every run but the ViT rows starts from it.",
         f"- Budgets: short {p.short_steps} steps, long {p.long_steps} steps"
         f"{' (the default run)' if p.long_steps == 360 else ''}, "
-        f"and (part 'budget', the class-aware baselines of the main rows) twice and four times "
-        f"the long one, {p.double_steps} and {p.quadruple_steps} steps; batch 64, each as {p.epochs} epochs (prototype updates; "
+        f"and (part 'budget', MLC-NC and the class-aware baselines of the main rows) twice and "
+        f"four times the long one, {p.double_steps} and {p.quadruple_steps} steps (BCE "
+        f"class-aware also {p.octuple_steps}); batch 64, each as {p.epochs} epochs (prototype updates; "
         "MLC-NC's FLA-only warm-up is the first); everything else as configs/default.py (Adam, one-cycle, weight decay 1e-4, "
         "flip + colour + 3-px shift). Raw weights are evaluated.",
         f"- Selection: validation split of {100 * p.val_fraction:.0f} % carved from the long-"
@@ -1085,6 +1097,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if name and VARIANTS[name].sampling == "class_aware":
                     add("double", name, protocol.double_steps, protocol.other_seeds)
                     add("quadruple", name, protocol.quadruple_steps, protocol.other_seeds)
+            for name in OCTUPLE_ROWS:
+                add("octuple", name, protocol.octuple_steps, protocol.other_seeds)
         vit_trunk, vit_not_run = None, []
         if "vit" in parts:
             (vit_trunk,) = runner.run_all([vit_pretrain_job(data_root, protocol)])
@@ -1109,7 +1123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             range(len(jobs)),
             key=lambda i: (
                 int(jobs[i][2].tag.rsplit("_s", 1)[1]),
-                ("long", "second", "vit", "short", "double", "quadruple").index(jobs[i][0]),
+                ("long", "second", "vit", "short", *LADDER[1:]).index(jobs[i][0]),
             ),
         )
         if args.deadline_min > 0:
