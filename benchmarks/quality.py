@@ -22,7 +22,7 @@ changes:
    - part 'budget': MLC-NC and the class-aware main baselines at 2x and 4x the long
      budget (BCE class-aware also at 8x), 3 seeds: do more steps still help, and do the
      verdicts change?
-   - part 'vit': a ViT trunk (vit_cpu32) pre-trained on the 'pretrain' classes by
+   - part 'vit': a hybrid ViT trunk (vit_hybrid_cpu32) pre-trained on the 'pretrain' classes by
      configs/pretrain.py, then MLC-NC and BCE class-aware fine-tuned from it, 3 seeds.
    The data set stays the same; the seed changes initialisation, sampling and augmentation.
 3. Differences of MLC-NC minus the best sampler-matched baseline with a 95 % Welch
@@ -154,11 +154,11 @@ BUDGET_TITLES = {
     "quadruple": "four times the long budget (part 'budget')",
     "octuple": "eight times the long budget (part 'budget')",
     "second": "second split (synthetic_seed 1, lt_builder's long tail), long budget",
-    "vit": "ViT backbone (vit_cpu32, its own trunk pre-trained as the ResNet one), long budget",
+    "vit": "hybrid ViT backbone (vit_hybrid_cpu32, its own trunk pre-trained as the ResNet one), long budget",
 }
 # Part 'vit': a ViT trunk pre-trained on the 'pretrain' classes by configs/pretrain.py (as the
 # shipped ResNet trunk was), then these rows fine-tuned from it.
-VIT_BACKBONE = "vit_cpu32"
+VIT_BACKBONE = "vit_hybrid_cpu32"
 VIT_PRETRAIN_LR = 1e-3
 VIT_ROWS = ("mlcnc", "bce_aware")
 # Part 'budget': MLC-NC and the class-aware baselines of the main rows, trained twice and

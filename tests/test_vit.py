@@ -230,3 +230,54 @@ def test_vit_cpu_under_the_mlcnc_head():
     assert out["logits"].shape == (2, 5)
     assert out["attention"].shape == (2, 5, 64)  # attends over the 8 x 8 patch tokens
     assert np.isfinite(np.asarray(out["logits"])).all()
+
+
+def test_hybrid_vit_is_the_resnet_stem_then_the_transformer_over_its_map():
+    from mlcnc_jax.models import make_backbone
+    from mlcnc_jax.models.resnet import ResNet, get_backbone
+
+    hybrid = make_backbone("vit_hybrid_cpu32")
+    x = _images(32, 32)
+    variables = hybrid.init(jax.random.key(0), x, train=False)
+    # The stem is resnet_small's stem and first two stages, parameter for parameter (so the
+    # shipped trunk's first stages have the same tree), and the transformer is vit_cpu32's
+    # with 2 x 2 patches of the 16 x 16 x 32 map.
+    small = jax.eval_shape(
+        lambda x: get_backbone("resnet_small").init(jax.random.key(0), x, False), x
+    )
+    for collection in ("params", "batch_stats"):
+        stem = jax.tree.map(lambda a: a.shape, variables[collection]["stem"])
+        full = jax.tree.map(lambda a: a.shape, small[collection])
+        names = ("conv1", "bn1", "layer1_0", "layer2_0")
+        assert stem == {k: full[k] for k in names if k in full}
+    assert variables["params"]["vit"]["conv1"]["kernel"].shape == (2, 2, 32, 128)
+    assert variables["params"]["vit"]["positional_embedding"].shape == (1 + 64, 128)
+
+    # Its output is exactly the plain ViT applied to the stem's map.
+    stem = ResNet((1, 1), widths=(16, 32), stem="small", flatten=False)
+    vit = ViT(**{**VIT_CONFIGS["vit_cpu32"], "patch_size": 2, "image_size": 16})
+    feature_map = stem.apply({c: variables[c]["stem"] for c in variables}, x, False)
+    assert feature_map.shape == (2, 16, 16, 32)
+    expected = vit.apply({"params": variables["params"]["vit"]}, feature_map)
+    tokens = hybrid.apply(variables, x, train=False)
+    assert tokens.shape == (2, 64, 128)
+    np.testing.assert_allclose(np.asarray(tokens), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(tokens[0] - tokens[1]).mean()) > 0.1  # depends on the image
+
+    # Training mode updates the stem's batch statistics.
+    _, new = hybrid.apply(variables, x, train=True, mutable=["batch_stats"])
+    old_mean = variables["batch_stats"]["stem"]["bn1"]["mean"]
+    assert not np.allclose(np.asarray(new["batch_stats"]["stem"]["bn1"]["mean"]), old_mean)
+
+
+def test_resnet_map_output_is_the_unflattened_tokens():
+    from mlcnc_jax.models.resnet import ResNet
+
+    x = _images(32, 32)
+    flat = ResNet((1, 1), widths=(8, 16), stem="small")
+    variables = flat.init(jax.random.key(0), x, False)
+    tokens = flat.apply(variables, x, False)
+    feature_map = ResNet((1, 1), widths=(8, 16), stem="small", flatten=False).apply(
+        variables, x, False
+    )
+    np.testing.assert_array_equal(np.asarray(feature_map).reshape(tokens.shape), np.asarray(tokens))

@@ -109,6 +109,8 @@ class ResNet(nn.Module):
         dtype: computation dtype; parameters and batch statistics stay float32.
         axis_name: device axis over which BatchNorm averages its batch statistics
             (for jax.pmap); None for single-program (jit) training.
+        flatten: return tokens [B, H' * W', C]; False returns the map [B, H', W', C]
+            (the convolutional stem of a hybrid ViT).
     """
 
     stage_sizes: Sequence[int]
@@ -117,6 +119,7 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     dtype: Any = jnp.float32
     axis_name: str | None = None
+    flatten: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -127,7 +130,8 @@ class ResNet(nn.Module):
             train: use batch statistics (and update the running ones) when True.
 
         Returns:
-            tokens [B, H' * W', C] of the last stage, in `dtype`.
+            tokens [B, H' * W', C] of the last stage, in `dtype` (with `flatten` False, the
+            map [B, H', W', C]).
         """
         if self.block not in _BLOCKS:
             raise ValueError(f"unknown block {self.block!r}; valid: {sorted(_BLOCKS)}")
@@ -160,6 +164,8 @@ class ResNet(nn.Module):
                     axis_name=self.axis_name,
                     name=f"layer{i + 1}_{j}",
                 )(x, train)
+        if not self.flatten:
+            return x
         b, h, w, c = x.shape
         return x.reshape(b, h * w, c)
 

@@ -418,3 +418,54 @@ def get_vit(
     if name not in VIT_CONFIGS:
         raise ValueError(f"unknown ViT backbone {name!r}; valid: {', '.join(VIT_BACKBONES)}")
     return ViT(**{**VIT_CONFIGS[name], **overrides}, dtype=dtype, axis_name=axis_name)
+
+
+class HybridViT(nn.Module):
+    """A ViT over a small ResNet's feature map (the 'hybrid' of Dosovitskiy et al., 2021).
+
+    The convolutional stem gives the transformer the locality a plain ViT has to learn
+    from data; on the built-in 32 px data a plain `vit_cpu32` pre-trained as the ResNet
+    trunk was learns nothing (benchmarks/results/quality.md), while this one does. The
+    transformer's patch embedding (`vit.conv1`) then embeds patches of the stem's map
+    rather than of pixels.
+
+    Attributes:
+        stem: a `resnet.ResNet` with flatten=False (images -> [B, H', W', C']).
+        vit: the `ViT` over that map (its image_size is the map's side).
+        axis_name: accepted for the backbone interface (the stem has its own).
+    """
+
+    stem: nn.Module
+    vit: nn.Module
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False, pooled: bool = False) -> jax.Array:
+        """Tokens [B, N, C] (or with `pooled` the pooled embedding), as `ViT.__call__`."""
+        return self.vit(self.stem(images, train), train, pooled)
+
+
+# CPU-sized hybrid for the built-in 32 px data: resnet_small's stem and first two stages
+# (16 x 16 x 32 at 32 px), then vit_cpu32's transformer over 2 x 2 patches of that map
+# (8 x 8 = 64 tokens of 128 channels, as vit_cpu32).
+HYBRID_CONFIGS: dict[str, dict[str, Any]] = {
+    "vit_hybrid_cpu32": {
+        "stem": {"stage_sizes": (1, 1), "widths": (16, 32), "stem": "small"},
+        "vit": {**VIT_CONFIGS["vit_cpu32"], "patch_size": 2, "image_size": 16},
+    },
+}
+
+
+def get_hybrid_vit(name: str, dtype: Any = jnp.float32, axis_name: str | None = None) -> HybridViT:
+    """Returns a hybrid ViT backbone by name (a key of `HYBRID_CONFIGS`).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    from mlcnc_jax.models.resnet import ResNet  # noqa: PLC0415 (resnet does not import vit)
+
+    if name not in HYBRID_CONFIGS:
+        raise ValueError(f"unknown hybrid ViT {name!r}; valid: {', '.join(HYBRID_CONFIGS)}")
+    cfg = HYBRID_CONFIGS[name]
+    stem = ResNet(**cfg["stem"], dtype=dtype, axis_name=axis_name, flatten=False, name="stem")
+    return HybridViT(stem, ViT(**cfg["vit"], dtype=dtype, name="vit"), axis_name=axis_name)
