@@ -87,9 +87,7 @@ for _name in resnet.BACKBONES:
 for _name in vit.VIT_BACKBONES:
     register_backbone(_name, functools.partial(_vit_factory, _name))
 for _name in vit.HYBRID_CONFIGS:
-    register_backbone(
-        _name, functools.partial(lambda n, dtype, axis: vit.get_hybrid_vit(n, dtype, axis), _name)
-    )
+    register_backbone(_name, functools.partial(vit.get_hybrid_vit, _name))
 
 
 def create_model(
