@@ -90,7 +90,7 @@ def _torch_step(name: str, image_size: int, batch: int, classes: int):
 
     widths = cfg["widths"]
     layers = [
-        nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+        nn.Conv2d(3, widths[0], 3, 2 if cfg["stem"] == "small_s2" else 1, 1, bias=False),
         nn.BatchNorm2d(widths[0]),
         nn.ReLU(),
     ]

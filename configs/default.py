@@ -81,7 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlcnc"  # 'mlcnc' | 'baseline' (global pooling + linear classifier)
-    # resnet_small | resnet18 | resnet34 | resnet50 | resnet101 | vit_* (vit_hybrid_cpu32:
+    # resnet_small | resnet_small_s2 (its stride-2 stem: 64 px at 32 px's cost) | resnet18 |
+    # resnet34 | resnet50 | resnet101 | vit_* (vit_hybrid_cpu32:
     # resnet_small's first stages, then a transformer) | clip_vit_* |
     # openclip_vit_* (models/vit.py; configs/voc_lt_clip.py) | any registered name
     c.model.backbone = "resnet_small"

@@ -41,7 +41,14 @@ PROTOTYPES = ("previous_epoch", "cumulative")
 SCHEDULES = ("one_cycle", "constant")
 OPTIMIZERS = ("adam", "adamw")
 # The built-in backbones without transformer blocks, which train.layer_decay cannot apply to.
-RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet_small")
+RESNET_BACKBONES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet_small",
+    "resnet_small_s2",
+)
 # Weights of the loss terms (config.loss); a weight of 0 switches its term off.
 LOSS_WEIGHTS = ("two_way", "bce", "focal", "asl", "db", "fla", "fpc")
 

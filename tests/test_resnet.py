@@ -40,6 +40,7 @@ def test_parameter_counts_match_torchvision(name, expected):
         ("resnet50", 64, 4, 2048),
         ("resnet_small", 64, 64, 128),
         ("resnet_small", 32, 16, 128),
+        ("resnet_small_s2", 64, 16, 128),
     ],
 )
 def test_token_shapes(name, size, tokens, channels):
@@ -63,6 +64,28 @@ def test_tokens_are_the_feature_map_in_row_major_order():
     assert feature_map.shape == (1, 2, 2, 128)
     np.testing.assert_array_equal(tokens[0, 1], feature_map[0, 0, 1])
     np.testing.assert_array_equal(tokens[0, 2], feature_map[0, 1, 0])
+
+
+def test_stride_2_stem_is_the_stride_1_stem_subsampled():
+    # resnet_small_s2 has resnet_small's parameters; its stem conv (3x3, padding 1, stride 2)
+    # equals resnet_small's stride-1 stem conv read at the even rows and columns.
+    x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+    small, s2 = get_backbone("resnet_small"), get_backbone("resnet_small_s2")
+    variables = small.init(jax.random.key(0), x, train=False)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        s2.init(jax.random.key(0), x, train=False)
+    )
+
+    def stem(model):
+        inter = model.apply(
+            variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )[1]["intermediates"]
+        return inter["conv1"]["__call__"][0]
+
+    full, strided = stem(small), stem(s2)
+    assert strided.shape == (2, 8, 8, 16)
+    np.testing.assert_allclose(strided, full[:, ::2, ::2], rtol=1e-5, atol=1e-5)
+    assert s2.apply(variables, x, train=False).shape == (2, 1, 128)
 
 
 def test_bfloat16_compute_keeps_float32_params():

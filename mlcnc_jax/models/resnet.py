@@ -105,7 +105,8 @@ class ResNet(nn.Module):
         block: 'basic' or 'bottleneck'.
         widths: base width of each stage; the stem has widths[0] channels.
         stem: 'imagenet' (7x7 stride-2 conv + 3x3 stride-2 max-pool, overall stride 32)
-            or 'small' (3x3 stride-1 conv, no pool, overall stride 8 with 4 stages).
+            or 'small' (3x3 stride-1 conv, no pool, overall stride 8 with 4 stages) or
+            'small_s2' (the same conv with stride 2: overall stride 16).
         dtype: computation dtype; parameters and batch statistics stay float32.
         axis_name: device axis over which BatchNorm averages its batch statistics
             (for jax.pmap); None for single-program (jit) training.
@@ -148,12 +149,15 @@ class ResNet(nn.Module):
             x = nn.relu(x)
             # max_pool pads with -inf, as torch's MaxPool2d(3, 2, padding=1).
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        elif self.stem == "small":
-            x = _conv(self.widths[0], 3, 1, self.dtype, "conv1")(x)
+        elif self.stem in ("small", "small_s2"):
+            stride = 2 if self.stem == "small_s2" else 1
+            x = _conv(self.widths[0], 3, stride, self.dtype, "conv1")(x)
             x = _batch_norm(train, self.dtype, self.axis_name, "bn1")(x)
             x = nn.relu(x)
         else:
-            raise ValueError(f"unknown stem {self.stem!r}; valid: ['imagenet', 'small']")
+            raise ValueError(
+                f"unknown stem {self.stem!r}; valid: ['imagenet', 'small', 'small_s2']"
+            )
         for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for j in range(num_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
@@ -182,6 +186,13 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         "widths": (16, 32, 64, 128),
         "stem": "small",
     },
+    # The same network behind a stride-2 stem: 64 px images cost what 32 px cost above.
+    "resnet_small_s2": {
+        "stage_sizes": (1, 1, 1, 1),
+        "block": "basic",
+        "widths": (16, 32, 64, 128),
+        "stem": "small_s2",
+    },
 }
 
 BACKBONES = tuple(_CONFIGS)
@@ -191,7 +202,7 @@ def get_backbone(name: str, dtype: Any = jnp.float32, axis_name: str | None = No
     """Returns a backbone by name.
 
     Args:
-        name: one of resnet18, resnet34, resnet50, resnet101, resnet_small.
+        name: one of resnet18, resnet34, resnet50, resnet101, resnet_small, resnet_small_s2.
         dtype: computation dtype (parameters stay float32).
         axis_name: device axis for BatchNorm statistics under jax.pmap, or None.
 
