@@ -65,7 +65,7 @@ def _torch_step(name: str, image_size: int, batch: int, classes: int):
     import torch
     from torch import nn
 
-    from mlcnc_jax.models.resnet import _CONFIGS
+    from mlcnc_jax.models.resnet import _CONFIGS, SMALL_STEM_STRIDES
 
     cfg = _CONFIGS[name]
     if cfg.get("block", "basic") != "basic" or cfg.get("stem", "imagenet") == "imagenet":
@@ -90,7 +90,7 @@ def _torch_step(name: str, image_size: int, batch: int, classes: int):
 
     widths = cfg["widths"]
     layers = [
-        nn.Conv2d(3, widths[0], 3, 2 if cfg["stem"] == "small_s2" else 1, 1, bias=False),
+        nn.Conv2d(3, widths[0], 3, SMALL_STEM_STRIDES[cfg["stem"]], 1, bias=False),
         nn.BatchNorm2d(widths[0]),
         nn.ReLU(),
     ]

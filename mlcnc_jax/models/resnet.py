@@ -95,6 +95,8 @@ class Bottleneck(nn.Module):
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+# The CPU stems: one 3x3 conv (with batch norm and ReLU) of this stride, no pool.
+SMALL_STEM_STRIDES = {"small": 1, "small_s2": 2}
 
 
 class ResNet(nn.Module):
@@ -149,14 +151,13 @@ class ResNet(nn.Module):
             x = nn.relu(x)
             # max_pool pads with -inf, as torch's MaxPool2d(3, 2, padding=1).
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        elif self.stem in ("small", "small_s2"):
-            stride = 2 if self.stem == "small_s2" else 1
-            x = _conv(self.widths[0], 3, stride, self.dtype, "conv1")(x)
+        elif self.stem in SMALL_STEM_STRIDES:
+            x = _conv(self.widths[0], 3, SMALL_STEM_STRIDES[self.stem], self.dtype, "conv1")(x)
             x = _batch_norm(train, self.dtype, self.axis_name, "bn1")(x)
             x = nn.relu(x)
         else:
             raise ValueError(
-                f"unknown stem {self.stem!r}; valid: ['imagenet', 'small', 'small_s2']"
+                f"unknown stem {self.stem!r}; valid: {['imagenet', *SMALL_STEM_STRIDES]}"
             )
         for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for j in range(num_blocks):
