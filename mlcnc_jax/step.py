@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +17,28 @@ from mlcnc_jax.state import TrainState
 
 # Outputs of the model that the losses read; the rest never leaves the step.
 LOSS_OUTPUTS = ("logits", "class_features", "projected")
+
+
+def normalize_images(
+    images: jax.Array, image_norm: tuple[Sequence[float], Sequence[float]] | None
+) -> jax.Array:
+    """uint8 pixels -> float32 (x / 255 - mean) / std, on the device; other dtypes pass.
+
+    The input pipeline hands over uint8 images (a quarter of float32's bytes to copy to
+    the device); floating images (a user's iterator, the in-memory arrays) are taken as
+    already normalised.
+
+    Args:
+      images: [..., 3] uint8 pixels, or floating images.
+      image_norm: (mean, std) per channel of [0, 1] images; None: (0, 1).
+    """
+    if images.dtype != jnp.uint8:
+        return images
+    x = images.astype(jnp.float32) / 255.0
+    if image_norm is None:
+        return x
+    mean, std = image_norm
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def ema_update(ema: Any, new: Any, decay: float) -> Any:
@@ -87,6 +109,7 @@ def train_step(
     steps_per_epoch: int,
     ema_decay: float,
     axis_name: str | None = None,
+    image_norm: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on a global batch.
 
@@ -98,7 +121,7 @@ def train_step(
 
     Args:
       state: the training state.
-      batch: {'image': [B, H, W, 3], 'labels': [B, K]}.
+      batch: {'image': [B, H, W, 3] (uint8 pixels or normalised floats), 'labels': [B, K]}.
       model: the model (`models.create_model`).
       tx: the optimizer (`optim.create_optimizer`).
       loss_fn: the objective (`objective.make_objective`).
@@ -106,6 +129,7 @@ def train_step(
       steps_per_epoch: the prototypes close an epoch after every this many steps.
       ema_decay: decay of the weights' moving average.
       axis_name: the pmap axis, or None under jit.
+      image_norm: (mean, std) of uint8 images (`normalize_images`).
 
     Returns:
       (new state, metrics) with the total loss, each term and the learning rate.
@@ -113,6 +137,7 @@ def train_step(
     # One key for the global batch; dropout masks come per example (`example_dropout`).
     rng = jax.random.fold_in(state.rng, state.step)
     labels = batch["labels"]
+    images = normalize_images(batch["image"], image_norm)
     first_index = 0
     if axis_name is not None:
         first_index = jax.lax.axis_index(axis_name) * labels.shape[0]
@@ -126,7 +151,7 @@ def train_step(
         with nn.intercept_methods(example_dropout(first_index)):
             outputs, mutated = model.apply(
                 variables,
-                batch["image"],
+                images,
                 train=True,
                 rngs={"dropout": rng},
                 mutable=["batch_stats"],
@@ -184,6 +209,7 @@ def compile_train_step(
     steps_per_epoch: int,
     ema_decay: float,
     axis_name: str | None = None,
+    image_norm: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> Callable:
     """`train_step` bound to its settings and compiled, the state donated.
 
@@ -198,15 +224,22 @@ def compile_train_step(
         steps_per_epoch=steps_per_epoch,
         ema_decay=ema_decay,
         axis_name=axis_name,
+        image_norm=None if image_norm is None else tuple(map(tuple, image_norm)),
     )
     if axis_name:
         return jax.pmap(step_fn, axis_name=axis_name, donate_argnums=(0,))
     return jax.jit(step_fn, donate_argnums=(0,))
 
 
-def eval_step(variables: dict, images: jax.Array, *, model: nn.Module) -> dict[str, jax.Array]:
+def eval_step(
+    variables: dict,
+    images: jax.Array,
+    *,
+    model: nn.Module,
+    image_norm: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> dict[str, jax.Array]:
     """Scores (sigmoid of the logits) and the features used for the neural-collapse measures."""
-    outputs = model.apply(variables, images, train=False)
+    outputs = model.apply(variables, normalize_images(images, image_norm), train=False)
     result = {"scores": jax.nn.sigmoid(outputs["logits"].astype(jnp.float32))}
     result["features"] = (
         outputs["class_features"] if "class_features" in outputs else outputs["features"]

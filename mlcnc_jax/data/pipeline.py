@@ -50,9 +50,19 @@ def _decode(raw: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(raw, channels=3, expand_animations=False)
 
 
-def _normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-    """[0, 1] float image -> (image - mean) / std, per channel."""
-    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+def _to_pixels(image: tf.Tensor) -> tf.Tensor:
+    """[0, 1] float image -> uint8 pixels (rounded): what crosses to the device.
+
+    A quarter of float32's bytes; the step normalises on the device
+    (`step.normalize_images`). torchvision's PIL transforms round to 8 bits likewise.
+    """
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+def normalize_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 pixels -> float32 (x / 255 - mean) / std, on the host (`step.normalize_images`)."""
+    x = np.asarray(pixels, np.float32) / np.float32(255.0)
+    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
 def _random_crop_decode(raw: tf.Tensor, seed: tf.Tensor, min_area: float) -> tf.Tensor:
@@ -118,8 +128,6 @@ def train_image(
     raw: tf.Tensor,
     seed: tf.Tensor,
     image_size: int,
-    mean,
-    std,
     min_area: float = 0.08,
     padding: int = 0,
 ) -> tf.Tensor:
@@ -128,19 +136,18 @@ def train_image(
     Random resized crop (area min_area-1, aspect 3/4-4/3) to image_size, then (padding > 0)
     a random image_size crop of the image zero-padded by `padding` pixels on each side (a
     shift that keeps every object's scale), horizontal flip, colour jitter (0.4, 0.4, 0.4,
-    0), normalisation. All randomness is stateless, drawn from `seed`.
+    0), rounded to uint8 pixels (normalised on the device). All randomness is stateless,
+    drawn from `seed`.
 
     Args:
       raw: scalar string tensor, the encoded JPEG/PNG/GIF/BMP.
       seed: [2] int64 seed of this sample.
       image_size: output side.
-      mean: per-channel mean of [0, 1] images.
-      std: per-channel std.
       min_area: smallest crop, as a fraction of the image area.
       padding: pixels of zero padding for the random shift (0: none).
 
     Returns:
-      [image_size, image_size, 3] float32.
+      [image_size, image_size, 3] uint8.
     """
     crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     image = _random_crop_decode(raw, crop_seed, min_area)
@@ -154,21 +161,19 @@ def train_image(
         image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], shift_seed)
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     image = _color_jitter(image, jitter_seed)
-    return _normalize(image, mean, std)
+    return _to_pixels(image)
 
 
-def eval_image(raw: tf.Tensor, image_size: int, resize_size: int, mean, std) -> tf.Tensor:
-    """Evaluation preprocessing: shorter side to resize_size, centre crop, normalise.
+def eval_image(raw: tf.Tensor, image_size: int, resize_size: int) -> tf.Tensor:
+    """Evaluation preprocessing: shorter side to resize_size, centre crop, uint8 pixels.
 
     Args:
       raw: scalar string tensor, the encoded image.
       image_size: crop side.
       resize_size: shorter side after resizing (>= image_size).
-      mean: per-channel mean of [0, 1] images.
-      std: per-channel std.
 
     Returns:
-      [image_size, image_size, 3] float32.
+      [image_size, image_size, 3] uint8 (normalised on the device).
     """
     image = tf.image.convert_image_dtype(_decode(raw), tf.float32)
     shape = tf.shape(image)[:2]
@@ -185,7 +190,7 @@ def eval_image(raw: tf.Tensor, image_size: int, resize_size: int, mean, std) -> 
     left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2.0), tf.int32)
     image = tf.clip_by_value(image[top : top + image_size, left : left + image_size], 0.0, 1.0)
     image = tf.ensure_shape(image, [image_size, image_size, 3])
-    return _normalize(image, mean, std)
+    return _to_pixels(image)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -294,7 +299,6 @@ def train_dataset(
     )
 
     image_size = int(config.data.image_size)
-    mean, std = tuple(config.data.mean), tuple(config.data.std)
     min_area = float(config.data.crop_min_area)
     padding = int(config.data.crop_padding)
 
@@ -302,7 +306,7 @@ def train_dataset(
         sample_seed = tf.stack([tf.constant(seed, tf.int64), position])
         raw = _read(tf.gather(images, index), encoded)
         return {
-            "image": train_image(raw, sample_seed, image_size, mean, std, min_area, padding),
+            "image": train_image(raw, sample_seed, image_size, min_area, padding),
             "labels": tf.gather(labels_t, index),
         }
 
@@ -340,8 +344,8 @@ def train_batches(
       process_count: number of hosts (default jax.process_count()).
 
     Returns:
-      An iterator of {'image': float32 [b, H, W, 3], 'labels': float32 [b, K]} with
-      b = G / process_count. Bad arguments raise here, not at the first batch.
+      An iterator of {'image': uint8 [b, H, W, 3], 'labels': float32 [b, K]} with
+      b = G / process_count (images as pixels: the step normalises them). Bad arguments raise here, not at the first batch.
     """
     ds = train_dataset(
         split,
@@ -382,10 +386,9 @@ def eval_dataset(
     ).reshape(-1)
     k = np.asarray(split.labels).shape[1]
     image_size, resize_size = int(config.data.image_size), int(config.data.resize_size)
-    mean, std = tuple(config.data.mean), tuple(config.data.std)
     if n == 0:
         empty = {
-            "image": np.zeros((0, host_batch, image_size, image_size, 3), np.float32),
+            "image": np.zeros((0, host_batch, image_size, image_size, 3), np.uint8),
             "labels": np.zeros((0, host_batch, k), np.float32),
             "mask": np.zeros((0, host_batch), bool),
         }
@@ -396,13 +399,10 @@ def eval_dataset(
     def load(position):
         valid = position < n
         index = tf.minimum(position, n - 1)  # padding rows reuse an image, then are blanked
-        image = eval_image(
-            _read(tf.gather(images, index), encoded), image_size, resize_size, mean, std
-        )
-        weight = tf.cast(valid, tf.float32)
+        image = eval_image(_read(tf.gather(images, index), encoded), image_size, resize_size)
         return {
-            "image": image * weight,
-            "labels": tf.gather(labels_t, index) * weight,
+            "image": tf.where(valid, image, tf.zeros_like(image)),
+            "labels": tf.gather(labels_t, index) * tf.cast(valid, tf.float32),
             "mask": valid,
         }
 
@@ -434,7 +434,7 @@ def eval_batches(
       process_count: number of hosts (default jax.process_count()).
 
     Returns:
-      An iterator of {'image': float32 [b, H, W, 3], 'labels': float32 [b, K],
+      An iterator of {'image': uint8 [b, H, W, 3], 'labels': float32 [b, K],
       'mask': bool [b]}; padding rows have mask False and zero image and labels.
     """
     ds = eval_dataset(
@@ -459,24 +459,20 @@ def preprocess_for_eval(encoded: bytes, config, *, name: str | None = None) -> n
       name: what to call the image in error messages (e.g. its path).
 
     Returns:
-      [image_size, image_size, 3] float32.
+      [image_size, image_size, 3] float32, normalised with data.mean and data.std.
 
     Raises:
       ValueError: the bytes are not a decodable image.
     """
     _check_data_config(config)
-    key = (
-        int(config.data.image_size),
-        int(config.data.resize_size),
-        tuple(config.data.mean),
-        tuple(config.data.std),
-    )
+    key = (int(config.data.image_size), int(config.data.resize_size))
     if key not in _eval_fns:
         _eval_fns[key] = tf.function(
             lambda raw: eval_image(raw, *key), input_signature=[tf.TensorSpec([], tf.string)]
         )
     try:
-        return _eval_fns[key](tf.constant(bytes(encoded))).numpy()
+        pixels = _eval_fns[key](tf.constant(bytes(encoded))).numpy()
+        return normalize_pixels(pixels, config.data.mean, config.data.std)
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
         what = name or "image"
         # Drop TF's "{{function_node ...}}" prefix: keep the decoder's own words.
