@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {name: [] for name in handlers}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        saver = checkpoint.Checkpointer(tmp, {"model": "benchmark"}, keep=1)
+        saver = checkpoint.Checkpointer(tmp, {"model": "benchmark"}, keep=1, asynchronous=False)
         step = 0
         for _ in range(args.repeats + 1):  # the first round warms up; not counted
             for name, handler in handlers.items():

@@ -82,94 +82,127 @@ def read_numpy_tree(path: str) -> Any:
     )
 
 
+# The JSON item in which earlier versions kept the model fingerprint.
+LEGACY_META_ITEM = "meta"
+
+
+def _test_map(metrics: dict) -> float:
+    return float(metrics["test_map"])
+
+
 # Largest |weight| of a checkpoint worth resuming from: trained weights of these models are
 # of order 1 (the logit scale of order 10); a diverging run's grow by many orders.
 SANE_WEIGHT = 1e4
 
 
 class Checkpointer:
-    """Saves and restores training states under `<workdir>/checkpoints`.
+    """Saves and restores training states under `<workdir>/checkpoints`, in the background.
 
-    Each checkpoint holds two items: 'state' (the TrainState pytree: params,
-    batch statistics, the ETF collection, optimizer state, EMA, prototype
-    statistics, step, RNG) and 'meta' (JSON: the model fingerprint, the step
-    and, for best checkpoints, the score that chose it). The data iterator
-    position is the step itself: the input pipeline restarts from it.
+    One orbax `CheckpointManager`, asynchronous: `save` returns once the state's arrays
+    are copied off the devices, and the files are written while training goes on. Each
+    checkpoint holds the item 'state' (the TrainState pytree: params, batch statistics,
+    the ETF collection, optimizer state, EMA, prototype statistics, step, RNG); its
+    metadata records the model fingerprint and the step; with `keep_best` its metrics
+    record the test mAP of the evaluation at that step. The data iterator position is the
+    step itself: the input pipeline restarts from it.
+
+    Which checkpoints stay is the manager's preservation policy: the latest `keep`, and
+    with `keep_best` also the one of the best test mAP (kept where it was saved, never
+    written twice).
 
     Args:
       workdir: the run's directory.
       fingerprint: JSON-able description of the model and data that shape the
         state; restoring a checkpoint with another fingerprint fails clearly.
       keep: how many of the latest checkpoints to keep.
-      keep_best: also keep the best checkpoint by test mAP, in
-        `<workdir>/best_checkpoint_by_test_map`.
+      keep_best: also keep the checkpoint of the best test mAP.
+      asynchronous: write in the background (False: `save` returns when written).
     """
 
-    def __init__(self, workdir: str, fingerprint: dict, keep: int = 2, keep_best: bool = False):
+    def __init__(
+        self,
+        workdir: str,
+        fingerprint: dict,
+        keep: int = 2,
+        keep_best: bool = False,
+        asynchronous: bool = True,
+    ):
         self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.keep_best = bool(keep_best)
         workdir = storage.resolve(workdir)
         self.directory = storage.join(workdir, "checkpoints")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False
-        )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
-        )
-        self.best = None
+        policies = [ocp.checkpoint_managers.LatestN(n=max(1, int(keep)))]
         if keep_best:
-            best_options = ocp.CheckpointManagerOptions(
-                max_to_keep=1,
-                create=True,
-                best_fn=lambda metrics: metrics["test_map"],
-                best_mode="max",
-                enable_async_checkpointing=False,
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=_test_map, n=1, keep_checkpoints_without_metrics=False
+                )
             )
-            self.best = ocp.CheckpointManager(
-                storage.join(workdir, "best_checkpoint_by_test_map"),
-                options=best_options,
-                item_names=("state", "meta"),
-            )
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            enable_async_checkpointing=asynchronous,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            # Metrics are written (and read back on resume) only with a best_fn.
+            best_fn=_test_map if keep_best else None,
+            best_mode="max",
+        )
+        # 'meta' is the JSON item of checkpoints from earlier versions (read_meta reads it).
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", LEGACY_META_ITEM)
+        )
 
     def latest_step(self) -> int | None:
+        """The newest checkpoint's step (saves in progress are finished first)."""
+        self.manager.wait_until_finished()
         return self.manager.latest_step()
 
+    def best_step(self) -> int | None:
+        """The kept step of the best test mAP (with `keep_best`), else None."""
+        if not self.keep_best:
+            return None
+        self.manager.wait_until_finished()
+        scored = [s for s in self.manager.all_steps() if self.manager.metrics(s) is not None]
+        return max(scored, key=lambda s: _test_map(self.manager.metrics(s)), default=None)
+
     def read_meta(self, step: int | None = None) -> dict:
-        """The JSON record of checkpoint `step` (default: the latest)."""
-        step = self.manager.latest_step() if step is None else step
+        """The record of checkpoint `step` (default: the latest): {'step', 'model'}."""
+        step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(
                 f"No checkpoint in {self.directory}. Train first (--mode=train)."
             )
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
+        meta = self.manager.metadata(step).custom_metadata
+        if meta and "model" in meta:
+            return dict(meta)
+        return self.manager.restore(
+            step, args=ocp.args.Composite(**{LEGACY_META_ITEM: ocp.args.JsonRestore()})
+        )[LEGACY_META_ITEM]
 
-    def save(self, step: int, state: Any) -> None:
-        """Saves `state` (replicated or host arrays) as checkpoint `step`."""
-        meta = {"step": int(step), "model": self.fingerprint}
+    def save(self, step: int, state: Any, score: float | None = None) -> None:
+        """Starts saving `state` (replicated or host arrays) as checkpoint `step`.
+
+        Returns once the arrays are copied off the devices (the state may then be
+        donated to the next step); the files are written in the background, into a
+        temporary directory renamed when complete, so a killed save leaves no checkpoint.
+
+        Args:
+          step: the step.
+          state: the training state.
+          score: the test mAP of the evaluation at this step, if there was one (with
+            `keep_best` it decides whether the checkpoint stays as the best).
+        """
+        metrics = {"test_map": float(score)} if score is not None and self.keep_best else None
         self.manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+            metrics=metrics,
+            custom_metadata={"step": int(step), "model": self.fingerprint},
             force=True,
         )
-        self.manager.wait_until_finished()
 
-    def save_best(self, step: int, state: Any, test_map: float) -> None:
-        """Offers `state` as the best checkpoint; kept only if its test mAP is the best so far."""
-        if self.best is None:
-            return
-        meta = {"step": int(step), "model": self.fingerprint, "test_map": float(test_map)}
-        self.best.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            metrics={"test_map": float(test_map)},
-            force=True,
-        )
-        self.best.wait_until_finished()
+    def wait_until_finished(self) -> None:
+        """Blocks until every save has been written (and the checkpoints to drop dropped)."""
+        self.manager.wait_until_finished()
 
     def check_fingerprint(self, step: int) -> None:
         """Raises CheckpointMismatchError, naming the differing settings, for another model."""
@@ -203,7 +236,7 @@ class Checkpointer:
           FileNotFoundError: there is no checkpoint.
           CheckpointMismatchError: the checkpoint was made with another model config.
         """
-        step = self.manager.latest_step() if step is None else step
+        step = self.latest_step() if step is None else step
         self.check_fingerprint(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         restored = self.manager.restore(
@@ -222,7 +255,7 @@ class Checkpointer:
           {'params', 'batch_stats', 'etf'} as saved (host arrays; empty collections
           stay empty dicts).
         """
-        step = self.manager.latest_step() if step is None else step
+        step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(
                 f"No checkpoint in {self.directory}. Train first (--mode=train)."
@@ -235,7 +268,8 @@ class Checkpointer:
         return {name: saved.get(name) or {} for name in VARIABLE_COLLECTIONS}
 
     def steps(self) -> list[int]:
-        """The steps of the kept checkpoints, ascending."""
+        """The steps of the kept checkpoints, ascending (saves in progress finished first)."""
+        self.manager.wait_until_finished()
         return sorted(self.manager.all_steps())
 
     def weight_health(self, step: int) -> tuple[bool, float]:
@@ -290,6 +324,6 @@ class Checkpointer:
         return f"Checkpoints kept in {self.directory}:\n" + "\n".join(lines) + "\n" + advice
 
     def close(self) -> None:
+        """Finishes the saves in progress, then releases the manager."""
+        self.manager.wait_until_finished()
         self.manager.close()
-        if self.best is not None:
-            self.best.close()

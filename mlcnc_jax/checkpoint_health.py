@@ -3,8 +3,8 @@
 A checkpoint whose data file was truncated or whose metadata file was deleted restores with
 an orbax traceback that names neither the step nor the file ("OUT_OF_RANGE: Error reading
 ...", a pytree-structure error). `find_restorable` checks the checkpoints of an orbax
-`CheckpointManager` directory (items 'state' and 'meta', as `mlcnc_jax.checkpoint` writes
-them), newest first, and returns the newest one that restores, with every broken newer one
+`CheckpointManager` directory (the item 'state' and the step's record, as
+`mlcnc_jax.checkpoint` writes them), newest first, and returns the newest one that restores, with every broken newer one
 named by step, path and reason. It only reads: nothing is deleted or rewritten.
 
 `choose_restore_step` turns that into the decision a run makes before restoring: the latest
@@ -22,7 +22,11 @@ from collections.abc import Sequence
 
 from absl import logging
 
-ITEMS = ("state", "meta")
+ITEMS = ("state",)
+# The step's record (model fingerprint, step): orbax's step metadata file; checkpoints of
+# earlier versions kept it in a JSON item 'meta' instead.
+STEP_METADATA = "_CHECKPOINT_METADATA"
+LEGACY_META = "meta"
 # Suffix of a checkpoint set aside; orbax ignores directories whose name is not a step.
 BROKEN_SUFFIX = ".broken"
 
@@ -66,6 +70,27 @@ def list_steps(directory: str) -> list[int]:
     return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def _record_problem(path) -> str | None:
+    """Why the checkpoint at `path` has no readable model record, or None."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    if (path / LEGACY_META).is_dir():
+        try:
+            ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / LEGACY_META)
+        except Exception as e:  # any failure means: not restorable
+            return f"its 'meta' item cannot be read ({_short(e)})"
+        return None
+    try:
+        record = json.loads((path / STEP_METADATA).read_text())
+    except Exception as e:
+        return f"its record {STEP_METADATA} cannot be read ({_short(e)})"
+    if not isinstance((record or {}).get("custom_metadata", {}).get("model"), dict):
+        return f"its record {STEP_METADATA} names no model"
+    return None
+
+
 def check_step(directory: str, step: int, deep: bool = True) -> str | None:
     """Why checkpoint `step` of `directory` cannot be restored, or None when it can.
 
@@ -86,10 +111,9 @@ def check_step(directory: str, step: int, deep: bool = True) -> str | None:
     for item in ITEMS:
         if not (path / item).is_dir():
             return f"its item directory {item}/ is missing"
-    try:
-        ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / "meta")
-    except Exception as e:  # any failure means: not restorable
-        return f"its 'meta' item cannot be read ({_short(e)})"
+    problem = _record_problem(path)
+    if problem:
+        return problem
     if not (path / "state" / "_METADATA").exists():
         return "its array metadata file state/_METADATA is missing"
     try:

@@ -24,7 +24,9 @@ def test_predict_lists_the_classes_at_or_above_the_threshold(tmp_path):
     tx, _ = optim.create_optimizer(c, total_steps=10)
     state = build.initial_train_state(c, model, tx, len(NAMES))
     workdir = str(tmp_path / "run")
-    checkpoint.Checkpointer(workdir, checkpoint.model_fingerprint(c, NAMES)).save(7, state)
+    checkpoint.Checkpointer(
+        workdir, checkpoint.model_fingerprint(c, NAMES), asynchronous=False
+    ).save(7, state)
 
     rng = np.random.default_rng(0)
     images = tmp_path / "images"
@@ -60,7 +62,9 @@ def test_outputs_never_collide_and_unreadable_files_are_skipped(tmp_path):
     tx, _ = optim.create_optimizer(c, total_steps=10)
     state = build.initial_train_state(c, model, tx, len(NAMES))
     workdir = str(tmp_path / "run")
-    checkpoint.Checkpointer(workdir, checkpoint.model_fingerprint(c, NAMES)).save(3, state)
+    checkpoint.Checkpointer(
+        workdir, checkpoint.model_fingerprint(c, NAMES), asynchronous=False
+    ).save(3, state)
 
     images = tmp_path / "images"
     images.mkdir()
