@@ -157,7 +157,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every_epochs = 10
     c.train.checkpoint_every_steps = 200
     c.train.keep_checkpoints = 2
-    c.train.keep_best = False  # also keep the best checkpoint by test mAP (named best_*)
+    c.train.keep_best = False  # also keep the checkpoint of the best test mAP in checkpoints/
+    # Batches placed on the devices ahead of the step that uses them (and steps the host may
+    # run ahead of the devices).
+    c.train.prefetch_batches = 2
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128

@@ -358,6 +358,7 @@ def build(
         keep=config.train.keep_checkpoints,
         keep_best=config.train.keep_best,
     )
+    image_norm = (tuple(config.data.mean), tuple(config.data.std))
     evaluator = Evaluator(
         eval_model,
         lambda: pipeline.eval_batches(dataset.test, config, global_batch=config.eval.batch_size),
@@ -365,6 +366,7 @@ def build(
         class_split=dataset.class_split,
         mesh=placement.mesh,
         progress=is_main,
+        image_norm=image_norm,
     )
     run_hooks: list[Hook] = []
     if is_main:
@@ -397,6 +399,9 @@ def build(
         hooks=run_hooks,
         eval_every_steps=config.train.eval_every_epochs * plan.steps_per_epoch,
         checkpoint_every_steps=config.train.checkpoint_every_steps,
+        log_every_steps=config.train.log_every_steps,
+        prefetch=config.train.prefetch_batches,
+        image_norm=image_norm,
         is_reported=lambda step: parallel.broadcast_flag(
             is_main and reports.has_eval_report(workdir, step)
         ),

@@ -125,6 +125,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.log_every_steps": _int_at_least(1),
     "train.eval_every_epochs": _int_at_least(1),
     "train.checkpoint_every_steps": _int_at_least(1),
+    "train.prefetch_batches": _int_at_least(1),
     "train.keep_checkpoints": _int_at_least(1),
     "eval.batch_size": _int_at_least(1),
     "eval.max_images": _int_at_least(0),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -20,7 +20,7 @@ from mlcnc_jax.step import eval_step
 
 
 class Evaluator:
-    """Scores the raw and the EMA weights of a state on one split.
+    """Scores the raw and the EMA weights of a state on one split, in one pass over it.
 
     Args:
       model: the model (built without a pmap axis).
@@ -31,6 +31,7 @@ class Evaluator:
       class_split: {'head', 'medium', 'tail'} class index lists.
       mesh: the device mesh.
       progress: show a progress bar per pass.
+      image_norm: (mean, std) of uint8 images (`step.normalize_images`).
     """
 
     def __init__(
@@ -42,57 +43,68 @@ class Evaluator:
         class_split: dict[str, list[int]],
         mesh: jax.sharding.Mesh,
         progress: bool = False,
+        image_norm: tuple[Sequence[float], Sequence[float]] | None = None,
     ):
         self.progress = progress
         self.batches = batches
         self.num_images = num_images
         self.class_split = class_split
         self.mesh = mesh
-        self._eval_step = jax.jit(functools.partial(eval_step, model=model))
+        norm = None if image_norm is None else tuple(map(tuple, image_norm))
+        one = functools.partial(eval_step, model=model, image_norm=norm)
+        # Every weight set scores the same batch: the split is read and sent once.
+        self._eval_step = jax.jit(
+            lambda weights, images: {name: one(v, images) for name, v in weights.items()}
+        )
 
     def predict_scores(
-        self, variables: dict, desc: str = "eval"
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Scores every image of the split exactly once.
+        self, weights: dict[str, dict], desc: str = "eval"
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Scores every image of the split exactly once with each set of weights.
+
+        Args:
+          weights: {name: the model's variables}, e.g. {'raw': ..., 'ema': ...}.
+          desc: the progress bar's label.
 
         Returns:
-          (scores [N,K], labels [N,K], pair features [M,D], pair labels [M,K]):
-          the features of each positive (image, class) pair (or of each image
-          and its labels, for the baseline) for the neural-collapse measures.
+          {name: (scores [N,K], labels [N,K], pair features [M,D], pair labels [M,K])}:
+          the features of each positive (image, class) pair (or of each image and its
+          labels, for the baseline) for the neural-collapse measures.
         """
-        variables = parallel.replicate(variables, self.mesh)
-        scores, labels, feats, feat_labels = [], [], [], []
+        weights = parallel.replicate(weights, self.mesh)
+        parts: dict[str, list] = {name: [] for name in weights}
         batches = self.batches()
         if self.progress:
             from mlcnc_jax import console
 
             batches = console.progress(batches, desc)
+        previous = None
         for batch in batches:
-            out = self._eval_step(
-                variables, parallel.to_global({"image": batch["image"]}, self.mesh)["image"]
-            )
-            arrays = parallel.to_global(
-                {"labels": batch["labels"], "mask": batch["mask"]}, self.mesh
-            )
-            mask = parallel.to_host(arrays["mask"]).astype(bool)
-            y = parallel.to_host(arrays["labels"])[mask]
-            s = parallel.to_host(out["scores"])[mask]
-            f = parallel.to_host(out["features"])[mask].astype(np.float32)
-            scores.append(s)
-            labels.append(y)
+            arrays = parallel.to_global(dict(batch), self.mesh)
+            out = self._eval_step(weights, arrays["image"])
+            # The previous batch reaches the host while this one is computed.
+            if previous is not None:
+                self._collect(parts, *previous)
+            previous = (out, arrays)
+        if previous is not None:
+            self._collect(parts, *previous)
+        return {
+            name: tuple(np.concatenate(p) for p in zip(*chunks)) for name, chunks in parts.items()
+        }
+
+    @staticmethod
+    def _collect(parts: dict[str, list], out: dict, arrays: dict) -> None:
+        mask = parallel.to_host(arrays["mask"]).astype(bool)
+        y = parallel.to_host(arrays["labels"])[mask]
+        for name, result in out.items():
+            s = parallel.to_host(result["scores"])[mask]
+            f = parallel.to_host(result["features"])[mask].astype(np.float32)
             if f.ndim == 3:  # per (image, class): keep the positive pairs
                 b, c = np.nonzero(y)
-                feats.append(f[b, c])
-                feat_labels.append(np.eye(y.shape[1], dtype=np.float32)[c])
+                f, fy = f[b, c], np.eye(y.shape[1], dtype=np.float32)[c]
             else:
-                feats.append(f)
-                feat_labels.append(y)
-        return (
-            np.concatenate(scores),
-            np.concatenate(labels),
-            np.concatenate(feats),
-            np.concatenate(feat_labels),
-        )
+                fy = y
+            parts[name].append((s, y, f, fy))
 
     def __call__(self, state: TrainState) -> dict[str, Any]:
         """mAP by group for the raw and the EMA weights, per-class AP and the NC measures.
@@ -103,8 +115,10 @@ class Evaluator:
         """
         t0 = time.time()
         results: dict[str, Any] = {"step": int(state.step)}
-        for name, variables in (("raw", state.variables()), ("ema", state.ema_variables())):
-            scores, labels, feats, feat_labels = self.predict_scores(variables, f"eval {name}")
+        scored = self.predict_scores(
+            {"raw": state.variables(), "ema": state.ema_variables()}, "eval"
+        )
+        for name, (scores, labels, feats, feat_labels) in scored.items():
             if len(scores) != self.num_images:
                 raise RuntimeError(f"Scored {len(scores)} test images, expected {self.num_images}.")
             results[name] = {

@@ -13,8 +13,10 @@ Two ways to run the one pure train step data-parallel:
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -283,6 +285,7 @@ class Placement:
         self.mode = mode
         self.mesh = make_mesh() if mesh is None else mesh
         self.axis_name = AXIS if mode == "pmap" else None
+        self._local_sharding = None
 
     def place(self, state: Any) -> Any:
         """A host state, placed for the train step."""
@@ -293,5 +296,34 @@ class Placement:
         return unreplicate(state) if self.axis_name else state
 
     def shard(self, batch: dict[str, np.ndarray]) -> dict:
-        """This host's rows of a batch, laid out for the train step."""
-        return to_pmap(batch) if self.axis_name else to_global(batch, self.mesh)
+        """This host's rows of a batch, placed on the devices as the train step takes them.
+
+        The copies are dispatched, not waited for: they overlap with running steps.
+        """
+        if self.axis_name:
+            if self._local_sharding is None:
+                local = Mesh(np.array(jax.local_devices()), (AXIS,))
+                self._local_sharding = NamedSharding(local, P(AXIS))
+            return jax.device_put(to_pmap(batch), self._local_sharding)
+        return to_global(batch, self.mesh)
+
+    def prefetch(self, batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
+        """`batches` placed on the devices `size` batches ahead of the one consumed.
+
+        While the step of batch i runs, batch i + size is read on the host and copied to
+        the devices (`shard` dispatches the copy without waiting for it).
+
+        Args:
+          batches: this host's batches (numpy).
+          size: how many placed batches wait ahead of the consumer (>= 1).
+        """
+        queue: collections.deque = collections.deque()
+
+        def fill(n: int) -> None:
+            for batch in itertools.islice(batches, n):
+                queue.append(self.shard(batch))
+
+        fill(max(1, size))
+        while queue:
+            yield queue.popleft()
+            fill(1)

@@ -52,6 +52,7 @@ NOT_COMPARED = {
     "train.checkpoint_every_steps": "where a run can resume; a resume continues exactly",
     "train.keep_checkpoints": "how many checkpoints are kept on disk",
     "train.keep_best": "whether the best checkpoint is kept on disk",
+    "train.prefetch_batches": "how many batches wait on the devices (not the numbers)",
     "train.eval_every_epochs": "evaluation reads the state, it never changes it",
     "eval.batch_size": "evaluation pads batches with a mask: every image is scored once",
     "eval.max_images": "how much of the test split evaluation scores; training is untouched",

@@ -24,6 +24,25 @@ from mlcnc_jax.state import Schedule, TrainState
 from mlcnc_jax.step import compile_train_step
 
 
+def on_host():
+    """Where the loop may fetch from the devices: metrics, evaluation, checkpoints, hooks.
+
+    Everything else in the step loop stays on the devices: run the loop under
+    `jax.transfer_guard_device_to_host("disallow_explicit")` and any fetch outside these
+    places raises (tests/test_trainer_loop.py does).
+    """
+    return jax.transfer_guard_device_to_host("allow")
+
+
+def fetch_metrics(metrics: list[dict]) -> list[dict[str, float]]:
+    """The metrics of several steps, in one transfer, as host floats.
+
+    Under pmap each value has a leading device axis (identical copies): the first is kept.
+    """
+    host = jax.device_get(metrics)
+    return [{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()} for m in host]
+
+
 class Hook:
     """What a hook may do at each point of a run (every method is optional: no-ops here)."""
 
@@ -31,7 +50,11 @@ class Hook:
         """Before the first step (`state` on the host, `start_step` > 0 when resuming)."""
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        """After step `step` (1-based count of steps done), with its metrics on the host."""
+        """After step `step` (1-based count of steps done), with its metrics on the host.
+
+        Called in order for every step, a log interval's steps together when their
+        metrics are fetched (every `log_every_steps`, and before evaluations and saves).
+        """
 
     def on_eval(self, step: int, results: dict[str, Any]) -> None:
         """After each evaluation (see `evaluation.Evaluator`)."""
@@ -56,6 +79,12 @@ class Trainer:
       hooks: `Hook`s called at each point of the run.
       eval_every_steps: evaluate after every this many steps (and after the last).
       checkpoint_every_steps: save after every this many steps (and after the last).
+      log_every_steps: fetch the step metrics (check them, tell the hooks) after every
+        this many steps, and before every evaluation and save.
+      prefetch: how many batches are placed on the devices ahead of the step that uses
+        them (and how many steps the host may run ahead of the devices).
+      image_norm: (mean, std) per channel: uint8 images are scaled to [0, 1] and
+        normalised by the compiled step; floating images are taken as normalised.
       select: the score that picks the best checkpoint (default: raw total mAP).
       is_reported: `is_reported(step)` says whether the evaluation of `step` was
         reported; a resumed run first runs an evaluation that was due at its restored
@@ -77,6 +106,9 @@ class Trainer:
         hooks: Sequence[Hook] = (),
         eval_every_steps: int,
         checkpoint_every_steps: int,
+        log_every_steps: int = 1,
+        prefetch: int = 2,
+        image_norm: tuple[Sequence[float], Sequence[float]] | None = None,
         select: Callable[[dict], float] = lambda r: r["raw"]["map"]["total"],
         is_reported: Callable[[int], bool] | None = None,
     ):
@@ -87,6 +119,13 @@ class Trainer:
         self.hooks = list(hooks)
         self.eval_every_steps = max(1, int(eval_every_steps))
         self.checkpoint_every_steps = max(1, int(checkpoint_every_steps))
+        self.log_every_steps = max(1, int(log_every_steps))
+        self.prefetch = max(1, int(prefetch))
+        self.keep_best = bool(getattr(checkpointer, "keep_best", False))
+        # XLA's CPU collectives over several processes (gloo) can deadlock when one
+        # process runs steps ahead of another: there, and only there, each step is waited
+        # for (a wait, not a transfer). One process's devices, or any GPU/TPU, never wait.
+        self.sync_every_step = jax.process_count() > 1 and jax.default_backend() == "cpu"
         self.select = select
         self.is_reported = is_reported
         self.train_step = compile_train_step(
@@ -97,6 +136,7 @@ class Trainer:
             steps_per_epoch=plan.steps_per_epoch,
             ema_decay=ema_decay,
             axis_name=placement.axis_name,
+            image_norm=image_norm,
         )
 
     def _call(self, method: str, *args) -> None:
@@ -114,12 +154,19 @@ class Trainer:
     def _eval_due(self, step: int) -> bool:
         return step % self.eval_every_steps == 0 or step == self.plan.total_steps
 
-    def _save(self, step: int, state: TrainState) -> None:
+    def _save(self, step: int, state: TrainState, score: float | None) -> None:
         if self.checkpointer is not None:
-            self.checkpointer.save(step, state)
+            self.checkpointer.save(step, state, score=score)
 
     def train(self, state: TrainState, batches: Iterator[dict]) -> dict:
         """Trains from `state.step` to the end of the plan.
+
+        The host never waits for a step's result before dispatching the next one: the
+        step metrics stay on the devices and are fetched together every
+        `log_every_steps` steps and before every evaluation and checkpoint
+        (`fetch_metrics`), where a non-finite loss stops the run before anything of it
+        is saved. The next `prefetch` batches are placed on the devices while a step
+        runs; the host runs at most `prefetch` steps ahead of the devices.
 
         Args:
           state: the host state to start from (fresh, or restored to resume).
@@ -129,8 +176,9 @@ class Trainer:
           The last evaluation's results.
         """
         plan = self.plan
-        start = int(state.step)
-        self._call("on_start", state, start)
+        with on_host():
+            start = int(state.step)
+            self._call("on_start", state, start)
         logging.info(
             "Training %d steps (%d per epoch, warm-up %d) from step %d on %d device(s).",
             plan.total_steps,
@@ -143,46 +191,75 @@ class Trainer:
         if 0 < start < plan.total_steps and self._eval_due(start):
             if self.is_reported is not None and not self.is_reported(start):
                 logging.warning("Step %d's evaluation has no report: running it first.", start)
-                results = self.run_eval(state)
+                with on_host():
+                    results = self.run_eval(state)
         placed = self.placement.place(state)
         del state
-        for step in range(start, plan.total_steps):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                raise RuntimeError(
-                    f"The training iterator ended after step {step} of {plan.total_steps}: "
-                    "pass one that yields batches to the end of the plan (e.g. an infinite one)."
-                ) from None
-            placed, step_metrics = self.train_step(placed, self.placement.shard(batch))
-            # Waiting on each step keeps XLA's CPU collectives from deadlocking and
-            # lets a NaN stop the run before it reaches a checkpoint.
-            step_metrics = jax.tree.map(
-                lambda x: np.asarray(x).reshape(-1)[0], jax.device_get(step_metrics)
-            )
-            done = step + 1
-            if not np.isfinite(step_metrics["loss"]):
-                recovery = (
-                    self.checkpointer.describe_for_recovery(done)
-                    if self.checkpointer is not None
-                    else "Nothing was saved (no checkpointer)."
-                )
-                raise FloatingPointError(
-                    f"The loss became {step_metrics['loss']} at step {done} "
-                    f"(terms: { {k: float(v) for k, v in step_metrics.items()} }). The run "
-                    "stopped; nothing of this step was saved, every checkpoint is kept. "
-                    f"{recovery}\nOr check the data."
-                )
-            self._call("on_step", done, step_metrics)
-            last = done == plan.total_steps
-            if done % self.checkpoint_every_steps == 0 or last:
-                self._save(done, self.placement.unplace(placed))
-            if self._eval_due(done):
-                host = self.placement.unplace(placed)
-                results = self.run_eval(host)
-                if self.checkpointer is not None:
-                    self.checkpointer.save_best(done, host, self.select(results))
+        device_batches = self.placement.prefetch(batches, self.prefetch)
+        try:
+            pending: list[tuple[int, dict]] = []  # (step, metrics still on the devices)
+            for step in range(start, plan.total_steps):
+                try:
+                    batch = next(device_batches)
+                except StopIteration:
+                    raise RuntimeError(
+                        f"The training iterator ended after step {step} of {plan.total_steps}: "
+                        "pass one that yields batches to the end of the plan (e.g. an infinite one)."
+                    ) from None
+                placed, step_metrics = self.train_step(placed, batch)
+                done = step + 1
+                pending.append((done, step_metrics))
+                if len(pending) > self.prefetch:
+                    # Bounds how far the host runs ahead (and so how many batches wait on the
+                    # devices): a wait, not a transfer; the devices still have steps queued.
+                    jax.block_until_ready(pending[-1 - self.prefetch][1]["loss"])
+                if self.sync_every_step:
+                    jax.block_until_ready(step_metrics["loss"])
+                last = done == plan.total_steps
+                checkpoint_due = done % self.checkpoint_every_steps == 0 or last
+                eval_due = self._eval_due(done)
+                if not (done % self.log_every_steps == 0 or checkpoint_due or eval_due):
+                    continue
+                with on_host():
+                    self._check_and_report(pending)
+                    pending = []
+                    score = None
+                    if eval_due:
+                        host = self.placement.unplace(placed)
+                        results = self.run_eval(host)
+                        score = self.select(results)
+                    if checkpoint_due or (eval_due and self.keep_best):
+                        self._save(done, self.placement.unplace(placed), score)
+        finally:
+            if self.checkpointer is not None:
+                # A run stopped early (an error, SIGTERM) still completes the saves it began.
+                self.checkpointer.wait_until_finished()
         if start >= plan.total_steps:
-            results = self.run_eval(self.placement.unplace(placed))
+            with on_host():
+                results = self.run_eval(self.placement.unplace(placed))
         self._call("on_end", max(start, plan.total_steps))
         return results
+
+    def _check_and_report(self, pending: list[tuple[int, dict]]) -> None:
+        """Fetches the pending steps' metrics, stops at the first non-finite loss, tells hooks."""
+        if not pending:
+            return
+        fetched = fetch_metrics([m for _, m in pending])
+        for (done, _), step_metrics in zip(pending, fetched):
+            if not np.isfinite(step_metrics["loss"]):
+                self._stop_on_nonfinite(done, step_metrics)
+        for (done, _), step_metrics in zip(pending, fetched):
+            self._call("on_step", done, step_metrics)
+
+    def _stop_on_nonfinite(self, done: int, step_metrics: dict) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.wait_until_finished()  # earlier saves: finish, then describe
+            recovery = self.checkpointer.describe_for_recovery(done)
+        else:
+            recovery = "Nothing was saved (no checkpointer)."
+        raise FloatingPointError(
+            f"The loss became {step_metrics['loss']} at step {done} "
+            f"(terms: { {k: float(v) for k, v in step_metrics.items()} }). The run "
+            "stopped; nothing of this step or later was saved, every checkpoint is kept. "
+            f"{recovery}\nOr check the data."
+        )

@@ -116,7 +116,7 @@ def main() -> None:
         "--fail_at_step",
         type=int,
         default=0,
-        help="process 1 raises when fetching this step's batch (0: never)",
+        help="process 1 raises right after the step before this one (0: never)",
     )
     args = parser.parse_args()
 
@@ -130,9 +130,11 @@ def main() -> None:
         record_batches = run_kwargs["wrap_batches"]
 
         def failing(batches):
-            for step, batch in enumerate(record_batches(batches), start=1):
-                if step == args.fail_at_step:
-                    raise RuntimeError(f"injected failure at step {step}")
+            # The Trainer reads two batches ahead (train.prefetch_batches): it asks for batch
+            # s + 1 when step s - 1 is done, checkpoint included.
+            for index, batch in enumerate(record_batches(batches), start=1):
+                if index == args.fail_at_step + 1:
+                    raise RuntimeError(f"injected failure at step {args.fail_at_step}")
                 yield batch
 
         run_kwargs["wrap_batches"] = failing
