@@ -180,23 +180,36 @@ def chance_map(labels: np.ndarray, class_split: dict, draws: int = 20) -> float:
 
 
 class StepTimes:
-    """A trainer hook: wall time of every step (data, step, metrics fetch) and the losses."""
+    """A trainer hook: the wall time per step (data, step, metrics fetch) and the losses.
+
+    The Trainer may report the metrics of several steps at once (one fetch per log
+    interval): reports less than `GROUP_GAP_S` apart belong to one fetch, whose time is
+    when its last step finished. The time per step of a fetch is the time since the
+    previous fetch over the steps between them; reported one step at a time, that is each
+    step's time. The first fetch also holds the placement of the state and compilation.
+    """
+
+    GROUP_GAP_S = 2e-3  # a fetch reports its steps within microseconds; a step takes longer
 
     def __init__(self):
         self.times, self.losses, self.fla, self.scale = [], [], [], []
         self.compile_s = None
-        self._t = None
+        self.fetches: list[tuple[int, float]] = []  # (last step, time) of each fetch
+        self._start = self._last = None
+        self._start_step = 0
 
     def on_start(self, state, start_step):
-        self._t = time.perf_counter()
+        self._start = self._last = time.perf_counter()
+        self._start_step = int(start_step)
 
     def on_step(self, step, metrics):
         now = time.perf_counter()
-        if self.compile_s is None:  # placing the state, compiling and the first step
-            self.compile_s = now - self._t
+        if self.fetches and now - self._last < self.GROUP_GAP_S:
+            self.fetches[-1] = (step, self.fetches[-1][1])  # the same fetch
         else:
-            self.times.append(now - self._t)
-        self._t = now
+            self.fetches.append((step, now))
+        self._last = now
+        self._update_times()
         self.losses.append(float(metrics["loss"]))
         self.fla.append(float(metrics.get("loss_fla", np.nan)))
         self.scale.append(float(metrics.get("logit_scale", np.nan)))
@@ -206,6 +219,14 @@ class StepTimes:
                 f"logit scale {self.scale[-1]:.3f} lr {float(metrics['learning_rate']):.2e}",
                 flush=True,
             )
+
+    def _update_times(self):
+        pairs = zip(self.fetches, self.fetches[1:])
+        self.times = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in pairs]
+        first_step, first_time = self.fetches[0]
+        # The first fetch: placing the state, compiling, and its steps after the first.
+        others = (first_step - self._start_step - 1) * (np.median(self.times) if self.times else 0)
+        self.compile_s = first_time - self._start - others
 
 
 def _peak_memory_bytes() -> int | None:

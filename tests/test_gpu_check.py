@@ -65,3 +65,36 @@ def test_summary_sets_the_trainer_beside_the_device_resident_step(tmp_path):
     # A result without the input check gets the throughput table only.
     path.write_text(json.dumps({**result, "device_resident_images_per_s": None}))
     assert "Does the host keep up" not in check.summarize([str(path)])
+
+
+def _report(times, monkeypatch, calls):
+    """Feeds StepTimes `calls` [(step, time)] after on_start at time 0."""
+    clock = iter([0.0] + [t for _, t in calls])
+    monkeypatch.setattr(check.time, "perf_counter", lambda: next(clock))
+    times.on_start(None, 0)
+    metrics = {"loss": 1.0, "learning_rate": 1e-3}
+    for step, _ in calls:
+        times.on_step(step, metrics)
+    return times
+
+
+def test_step_times_reported_one_step_at_a_time(monkeypatch):
+    t = _report(check.StepTimes(), monkeypatch, [(1, 5.0), (2, 5.1), (3, 5.3), (4, 5.4)])
+    assert t.times == pytest.approx([0.1, 0.2, 0.1])
+    assert t.compile_s == pytest.approx(5.0)  # placing, compiling and step 1
+    assert len(t.losses) == 4
+
+
+def test_step_times_reported_a_log_interval_at_a_time(monkeypatch):
+    # Steps 1-4 fetched together at 10 s, 5-8 at 10.4 s, 9-12 at 10.8 s (one fetch's
+    # reports are microseconds apart): 0.1 s a step, and the first fetch's 4 steps hold
+    # the compilation and 3 steps.
+    calls = [(s, 10.0 + 1e-6 * s) for s in range(1, 5)]
+    calls += [(s, 10.4 + 1e-6 * s) for s in range(5, 9)]
+    calls += [(s, 10.8 + 1e-6 * s) for s in range(9, 13)]
+    t = _report(check.StepTimes(), monkeypatch, calls)
+    assert t.fetches == [(4, pytest.approx(10.0, abs=1e-5)), (8, pytest.approx(10.4, abs=1e-5)),
+                         (12, pytest.approx(10.8, abs=1e-5))]  # fmt: skip
+    assert t.times == pytest.approx([0.1, 0.1], abs=1e-5)
+    assert t.compile_s == pytest.approx(10.0 - 3 * 0.1, abs=1e-4)
+    assert len(t.losses) == 12
