@@ -8,12 +8,14 @@ few minutes on a 2-core CPU (much longer at 448 px).
 
     python -m benchmarks.step_flops                                  # the four reference ones
     python -m benchmarks.step_flops --config=coco_lt --config=voc_lt:paper
+    python -m benchmarks.step_flops --config=coco_lt --set data.image_size=448
     python -m benchmarks.step_flops --config=my_config.py --num_classes=37
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import importlib.util
 import json
@@ -36,6 +38,20 @@ def load_config(value: str):
     return module.get_config(argument) if argument else module.get_config()
 
 
+def apply_settings(config, settings: list[str]):
+    """Applies 'field.path=value' settings (as --config.field.path=value on the command line)."""
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep:
+            raise ValueError(f"--set {setting!r}: write FIELD=VALUE, e.g. data.image_size=448")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string
+        config.update_from_flattened_dict({key: value})
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     from mlcnc_jax import budget
 
@@ -46,18 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--num_classes", type=int, help="K (default: 80 for coco_lt, 20 for voc_lt configs)"
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change a config field of every config, e.g. data.image_size=448 (repeatable)",
+    )
     parser.add_argument("--out", default=budget.STEP_FLOPS_FILE)
     args = parser.parse_args(argv)
 
     stored = budget.load_step_flops(args.out)
     for value in args.config or DEFAULT_CONFIGS:
-        config = load_config(value)
+        config = apply_settings(load_config(value), args.set)
         k = args.num_classes or DATASET_CLASSES.get(config.data.name)
         if k is None:
             parser.error(f"--config={value}: dataset {config.data.name!r}; pass --num_classes=K")
         print(f"{value}: compiling {budget.model_key(config, k)} ...", file=sys.stderr, flush=True)
         entry = budget.measure_step_flops(config, k)
-        entry["config"] = value
+        entry["config"] = " ".join([value] + [f"--set {x}" for x in args.set])
         entry["date"] = f"{datetime.date.today():%Y-%m-%d}"
         stored[entry.pop("key")] = entry
         print(

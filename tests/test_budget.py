@@ -186,3 +186,15 @@ def test_measured_state_bytes_are_the_real_states(tmp_path):
     # Training an image costs about 3x scoring it (forward + two backward products).
     per_image = measured["train_step_flops"] / config.train.batch_size
     assert 2.5 < per_image / (measured["eval_step_flops"] / config.eval.batch_size) < 3.5
+
+
+def test_step_flops_settings_change_the_key_and_bad_ones_say_how():
+    from benchmarks import step_flops
+
+    config = step_flops.apply_settings(
+        step_flops.load_config("coco_lt:paper"), ["data.image_size=448", "dtype=float32"]
+    )
+    assert config.model.classifier == "etf"  # the recipe argument was applied
+    assert budget.model_key(config, 80).startswith("mlcnc/resnet50/448px/float32/K80/")
+    with pytest.raises(ValueError, match="write FIELD=VALUE"):
+        step_flops.apply_settings(config, ["data.image_size"])
