@@ -62,10 +62,11 @@ def reference_mfu(accelerator: str = ACCELERATOR) -> float:
 
 
 def _active_losses(config: ml_collections.ConfigDict) -> str:
-    if config.model.name != "mlcnc":
-        names = [n for n in ("bce", "focal", "asl", "db") if float(config.loss[n])]
-    else:
-        names = [n for n in ("two_way", "bce", "fla", "fpc") if float(config.loss[n])]
+    # Every registered loss term with a non-zero weight (terms the model cannot feed are
+    # skipped by the objective alike for every key, so they need no special case here).
+    from mlcnc_jax import objective
+
+    names = [name for name in objective.TERMS if float(config.loss.get(name, 0.0))]
     return "+".join(names) or "none"
 
 
