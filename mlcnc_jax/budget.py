@@ -6,9 +6,10 @@ The budget of a run on one accelerator is
     eval    = eval-step FLOPs x eval batches per pass x passes / (MFU x peak FLOP/s)
     save    = train-state bytes x checkpoints written / disk bandwidth
 
-The FLOP counts are XLA's cost analysis of the project's compiled bfloat16 train step
+The FLOP counts are XLA's cost analysis of the project's compiled train step
 (`step.compile_train_step`) and eval step (`step.eval_step`) for the config's model
-settings. Compiling ResNet-50 takes minutes on a CPU, so they are measured once
+settings and compute dtype (bfloat16 in the reference recipes). Compiling ResNet-50 takes
+20-60 s on a 2-core CPU, too slow for `--mode=plan`, so they are measured once
 (`python -m benchmarks.step_flops`) and stored in step_flops.json beside this module,
 keyed by `model_key`; `--mode=plan` reads them and prints the budget for any config
 whose key is stored.
@@ -22,9 +23,8 @@ About 3,000 images/s on one H100 (MLPerf-class, mixed precision) is then 74 TFLO
 of the H100's dense bfloat16 peak of 989 TFLOP/s; 2,500 images/s on one A100 is 20 % of its
 312 TFLOP/s. ResNet-50 keeps an H100's tensor cores far less busy than an A100's (its
 BatchNorm, ReLU and small convolutions are bound by memory bandwidth, which grew 1.6x while
-the dense peak grew 3.2x), so the H100's own figure is the one used. A run at that MFU
-runs at MLPerf-class speed: an untuned loop is slower, never faster, so read the hours as a
-floor.
+the dense peak grew 3.2x), so the H100's own figure is the one used. That MFU is
+MLPerf-class speed, which an untuned loop does not reach: read the hours as a floor.
 """
 
 from __future__ import annotations
