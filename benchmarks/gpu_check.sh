@@ -101,8 +101,11 @@ fi
 train_args=(--backbone resnet50 --image_size 224 --dtype bfloat16 --batch_size 64 --steps 500
     --input_check 50)
 # bfloat16 against float32, the full model (one batch size and class count, to fit the time).
+# Time plan (GPU, 460 s): set-up ~30 s, train check <= left - 250 (compilation, 500 steps,
+# evaluation, input check), loop overhead <= 70 s, then at least ~180 s for the speed
+# stage's two cases (each a fresh process: about a minute of compilation, 20 steps).
 speed_args=(--no-head --batch_sizes 128 --classes 80 --dtypes bfloat16,float32)
-loop_timeout=100
+loop_timeout=70
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     train_args=(--smoke --input_check 3)
     speed_args=(--no-head --backbone resnet_small --image_size 32 --batch_sizes 8 --classes 20
@@ -115,13 +118,13 @@ if [ "${GPU_CHECK_BASELINE:-0}" = 1 ]; then
     # pooled features, a linear classifier and BCE (costs about a third of the budget).
     section "baseline (BCE) train check: ${train_args[*]} (left: $(left) s)"
     # Half of what the train check would get, so both fit.
-    timeout $((($(left) - 240) / 2)) "$PY" -m benchmarks.gpu_train_check --model baseline \
+    timeout $((($(left) - 250) / 2)) "$PY" -m benchmarks.gpu_train_check --model baseline \
         --data "$DATA" "${train_args[@]}" --out "$OUTDIR/gpu_train_check_baseline.json" ||
         echo "baseline train check: exit $? (reported, not part of the status)"
 fi
 
 section "train check: ${train_args[*]} (left: $(left) s)"
-if timeout $(($(left) - 240)) "$PY" -m benchmarks.gpu_train_check \
+if timeout $(($(left) - 250)) "$PY" -m benchmarks.gpu_train_check \
     --data "$DATA" "${train_args[@]}" --out "$OUTDIR/gpu_train_check.json"; then
     [ "${GPU_CHECK_SMOKE:-0}" = 1 ] && echo "train check: ran (smoke: no learning verdict)" ||
         echo "train check: PASSED"
@@ -137,7 +140,7 @@ section "loop overhead: python -m benchmarks.loop_overhead ${LOOP_OVERHEAD_ARGS:
 if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('benchmarks.loop_overhead') is None)"; then
     echo "loop overhead: SKIPPED: benchmarks/loop_overhead.py is not in this checkout"
 else
-    t=$(($(left) - 150))
+    t=$(($(left) - 180))  # leave the speed stage its two compilations
     ((t > loop_timeout)) && t=$loop_timeout
     # shellcheck disable=SC2086 # LOOP_OVERHEAD_ARGS: split into words on purpose
     if ((t > 20)) && timeout "$t" "$PY" -m benchmarks.loop_overhead ${LOOP_OVERHEAD_ARGS:-} |
