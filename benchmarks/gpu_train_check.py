@@ -180,23 +180,36 @@ def chance_map(labels: np.ndarray, class_split: dict, draws: int = 20) -> float:
 
 
 class StepTimes:
-    """A trainer hook: wall time of every step (data, step, metrics fetch) and the losses."""
+    """A trainer hook: the wall time per step (data, step, metrics fetch) and the losses.
+
+    The Trainer may report the metrics of several steps at once (one fetch per log
+    interval): reports less than `GROUP_GAP_S` apart belong to one fetch, whose time is
+    when its last step finished. The time per step of a fetch is the time since the
+    previous fetch over the steps between them; reported one step at a time, that is each
+    step's time. The first fetch also holds the placement of the state and compilation.
+    """
+
+    GROUP_GAP_S = 2e-3  # a fetch reports its steps within microseconds; a step takes longer
 
     def __init__(self):
         self.times, self.losses, self.fla, self.scale = [], [], [], []
         self.compile_s = None
-        self._t = None
+        self.fetches: list[tuple[int, float]] = []  # (last step, time) of each fetch
+        self._start = self._last = None
+        self._start_step = 0
 
     def on_start(self, state, start_step):
-        self._t = time.perf_counter()
+        self._start = self._last = time.perf_counter()
+        self._start_step = int(start_step)
 
     def on_step(self, step, metrics):
         now = time.perf_counter()
-        if self.compile_s is None:  # placing the state, compiling and the first step
-            self.compile_s = now - self._t
+        if self.fetches and now - self._last < self.GROUP_GAP_S:
+            self.fetches[-1] = (step, self.fetches[-1][1])  # the same fetch
         else:
-            self.times.append(now - self._t)
-        self._t = now
+            self.fetches.append((step, now))
+        self._last = now
+        self._update_times()
         self.losses.append(float(metrics["loss"]))
         self.fla.append(float(metrics.get("loss_fla", np.nan)))
         self.scale.append(float(metrics.get("logit_scale", np.nan)))
@@ -206,6 +219,14 @@ class StepTimes:
                 f"logit scale {self.scale[-1]:.3f} lr {float(metrics['learning_rate']):.2e}",
                 flush=True,
             )
+
+    def _update_times(self):
+        pairs = zip(self.fetches, self.fetches[1:])
+        self.times = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in pairs]
+        first_step, first_time = self.fetches[0]
+        # The first fetch: placing the state, compiling, and its steps after the first.
+        others = (first_step - self._start_step - 1) * (np.median(self.times) if self.times else 0)
+        self.compile_s = first_time - self._start - others
 
 
 def _peak_memory_bytes() -> int | None:
@@ -227,6 +248,32 @@ def _step_flops(trainer, state, batch) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def host_input_rate(batches, batch_size: int, steps: int) -> float:
+    """Images/s of the host input alone: `steps` batches pulled, nothing sent to a device."""
+    next(batches)  # the first batch pays for any set-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
+def device_resident_rate(train_step, state, batch, batch_size: int, steps: int) -> float:
+    """Images/s of `train_step` run back to back on one batch already on the device.
+
+    No input and no host round trip between steps: the most the device gives with this
+    step. The first call (compilation if the step is new, else a warm-up) is not timed.
+    """
+    import jax
+
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
 def run_check(
     data: dict,
     *,
@@ -243,8 +290,13 @@ def run_check(
     min_gain: float,
     seed: int = 0,
     peak_flops: float = PEAK_BF16_FLOPS,
+    input_check_steps: int = 0,
 ) -> dict:
-    """Trains with the project's Trainer on numpy batches and evaluates; returns the numbers."""
+    """Trains with the project's Trainer on numpy batches and evaluates; returns the numbers.
+
+    With `input_check_steps` > 0 it also measures the host input alone and the Trainer's
+    compiled step on a device-resident batch (`host_input_rate`, `device_resident_rate`).
+    """
     import jax
 
     from configs.default import get_config
@@ -328,6 +380,26 @@ def run_check(
     train_eval_s = time.perf_counter() - t0
     result_map = results["raw"]["map"]
     chance = chance_map(data["test_labels"], data["class_split"])
+    host_rate = device_rate = None
+    if input_check_steps > 0:
+        fresh = arrays.train_batches(
+            data["train_images"],
+            data["train_labels"],
+            global_batch=batch_size,
+            sampling_name=config.data.sampling,
+            seed=seed + 1,
+            **norm,
+        )
+        host_rate = host_input_rate(fresh, batch_size, input_check_steps)
+        # The Trainer's own compiled step (no second compilation) on a fresh state.
+        placed = trainer.placement.place(build.initial_train_state(config, model, tx, num_classes))
+        device_rate = device_resident_rate(
+            trainer.train_step,
+            placed,
+            trainer.placement.shard(next(fresh)),
+            batch_size,
+            input_check_steps,
+        )
 
     losses, fla = timing.losses, timing.fla
     step_s = float(np.median(timing.times)) if timing.times else None
@@ -359,6 +431,8 @@ def run_check(
         "compile_s": timing.compile_s,
         "step_median_s": step_s,
         "images_per_s": batch_size / step_s if step_s else None,
+        "host_input_images_per_s": host_rate,
+        "device_resident_images_per_s": device_rate,
         "flops_per_step": flops,
         "peak_flops": peak_flops,
         "mfu": mfu,
@@ -378,10 +452,15 @@ def run_check(
 
 
 def summarize(paths: list[str]) -> str:
-    """A table of the throughput numbers of result files written with --out."""
+    """A table of the throughput numbers of result files written with --out.
+
+    Where a file holds the input check, a second table sets the Trainer's images/s with
+    the real input beside the host input alone and the step on a device-resident batch,
+    and says whether the host keeps up.
+    """
     from benchmarks import common
 
-    rows = []
+    rows, input_rows = [], []
     for path in paths:
         with open(path) as f:
             r = json.load(f)
@@ -397,8 +476,43 @@ def summarize(paths: list[str]) -> str:
                 r["device"],
             ]
         )
+        device, trainer = r.get("device_resident_images_per_s"), r.get("images_per_s")
+        if device and trainer:
+            input_rows.append(
+                [
+                    str(r["batch_size"]),
+                    r["dtype"],
+                    common.fmt(r.get("host_input_images_per_s"), ".0f"),
+                    common.fmt(trainer, ".0f"),
+                    common.fmt(device, ".0f"),
+                    f"{trainer / device:.2f}",
+                    input_verdict(trainer, device),
+                ]
+            )
     header = ["batch", "images/s", "step ms", "compile s", "peak GiB", "MFU %", "device"]
-    return common.markdown_table(header, rows)
+    text = common.markdown_table(header, rows)
+    if input_rows:
+        header = [
+            "batch", "dtype", "host input alone (images/s)", "Trainer, real input (images/s)",
+            "step on a device-resident batch (images/s)", "Trainer / device-resident", "verdict",
+        ]  # fmt: skip
+        text += (
+            "\n\nDoes the host keep up? Real input here: numpy batches of the project's sampler "
+            "over images decoded once up front (data.arrays; no TensorFlow on this host, so no "
+            "tf.data JPEG decoding: see benchmarks.input_pipeline for its cost per host core).\n\n"
+            + common.markdown_table(header, input_rows, ["---:", "---"] + ["---:"] * 4 + ["---"])
+        )
+    return text
+
+
+def input_verdict(trainer_rate: float, device_rate: float, tolerance: float = 0.9) -> str:
+    """'host keeps up' when the Trainer reaches `tolerance` of the device-resident rate."""
+    if trainer_rate >= tolerance * device_rate:
+        return "host keeps up"
+    return (
+        f"device idles {100 * (1 - trainer_rate / device_rate):.0f} % of the time "
+        "(input or loop overhead)"
+    )
 
 
 def main() -> int:
@@ -436,6 +550,13 @@ def main() -> int:
         "--peak_tflops", type=float, default=PEAK_BF16_FLOPS / 1e12, help="for the MFU"
     )
     parser.add_argument("--no_verdict", action="store_true", help="report only (throughput)")
+    parser.add_argument(
+        "--input_check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N batches of the host input alone and N steps on a device-resident batch",
+    )
     parser.add_argument("--out", help="write the result as JSON here")
     parser.add_argument(
         "--summarize", nargs="+", metavar="JSON", help="print a table of result files and exit"
@@ -478,6 +599,7 @@ def main() -> int:
         model_name=args.model,
         min_gain=args.min_gain,
         peak_flops=args.peak_tflops * 1e12,
+        input_check_steps=args.input_check,
     )
     result["tensorflow_imported"] = (
         "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None
