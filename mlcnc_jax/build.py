@@ -31,7 +31,7 @@ from mlcnc_jax import (
     storage,
 )
 from mlcnc_jax.evaluation import Evaluator
-from mlcnc_jax.models import clip, create_model, make_backbone, pretrained, vit
+from mlcnc_jax.models import clip, create_model, make_backbone, pretrained, text_classifier, vit
 from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.state import Schedule, TrainState, create_train_state, init_variables, make_schedule
 from mlcnc_jax.trainer import Hook, Trainer
@@ -327,6 +327,7 @@ def build(
     placement = parallel.Placement(config.parallel)
 
     check_pretrained_path(config)  # before the (possibly slow) dataset checks
+    text_classifier.check_text_weights(config)
     if is_main:
         source = pretrained_path(config)
         console.say(
@@ -343,6 +344,8 @@ def build(
             f"Evaluation on {len(dataset.test)} evenly spaced test images "
             f"(eval.max_images = {config.eval.max_images}; 0 scores the whole split)"
         )
+    # Class names -> text embeddings, once, stored in the workdir (config names the file).
+    config = text_classifier.prepare_class_text(config, dataset.class_names, workdir)
     plan = make_schedule(config, dataset.train.labels)
     model = create_model(config, dataset.num_classes, axis_name=placement.axis_name)
     eval_model = create_model(config, dataset.num_classes) if placement.axis_name else model
