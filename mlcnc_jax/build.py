@@ -31,7 +31,15 @@ from mlcnc_jax import (
     storage,
 )
 from mlcnc_jax.evaluation import Evaluator
-from mlcnc_jax.models import clip, create_model, make_backbone, pretrained, text_classifier, vit
+from mlcnc_jax.models import (
+    clip,
+    create_model,
+    make_backbone,
+    pretrained,
+    text_classifier,
+    vit,
+    vit_weights,
+)
 from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.state import Schedule, TrainState, create_train_state, init_variables, make_schedule
 from mlcnc_jax.trainer import Hook, Trainer
@@ -60,6 +68,11 @@ def check_pretrained_path(config: ml_collections.ConfigDict) -> None:
     path = pretrained_path(config)
     if not path or os.path.exists(os.path.expanduser(path)):
         return
+    if config.model.backbone in vit_weights.IMAGENET_VITS:  # Google's or timm's weights
+        raise FileNotFoundError(
+            vit_weights.missing_weights_message(os.path.expanduser(path), config.model.backbone)
+            + " Or train from scratch with --config.model.pretrained=none."
+        )
     backbone = _clip_backbone(config)
     if backbone is not None:
         raise FileNotFoundError(
@@ -102,6 +115,8 @@ def load_pretrained(variables: dict, path: str, backbone: nn.Module | None = Non
     if not os.path.isdir(os.path.join(path, "checkpoints")):
         target = variables["params"]["backbone"]
         if pretrained.read_trunk(path) is None and _is_vit(target, backbone):
+            if vit_weights.is_standard_vit(backbone):
+                return vit_weights.load_vit_backbone(path, variables, backbone)
             return clip.load_clip_backbone(path, variables, backbone)
         return pretrained.load_pretrained_backbone(path, variables)
     source_ckpt = checkpoint.Checkpointer(os.path.abspath(path), {})
