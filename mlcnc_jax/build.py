@@ -31,15 +31,7 @@ from mlcnc_jax import (
     storage,
 )
 from mlcnc_jax.evaluation import Evaluator
-from mlcnc_jax.models import (
-    clip,
-    create_model,
-    make_backbone,
-    pretrained,
-    text_classifier,
-    vit,
-    vit_weights,
-)
+from mlcnc_jax.models import clip, create_model, make_backbone, pretrained, vit
 from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.state import Schedule, TrainState, create_train_state, init_variables, make_schedule
 from mlcnc_jax.trainer import Hook, Trainer
@@ -68,6 +60,8 @@ def check_pretrained_path(config: ml_collections.ConfigDict) -> None:
     path = pretrained_path(config)
     if not path or os.path.exists(os.path.expanduser(path)):
         return
+    from mlcnc_jax.models import vit_weights
+
     if config.model.backbone in vit_weights.IMAGENET_VITS:  # Google's or timm's weights
         raise FileNotFoundError(
             vit_weights.missing_weights_message(os.path.expanduser(path), config.model.backbone)
@@ -115,6 +109,8 @@ def load_pretrained(variables: dict, path: str, backbone: nn.Module | None = Non
     if not os.path.isdir(os.path.join(path, "checkpoints")):
         target = variables["params"]["backbone"]
         if pretrained.read_trunk(path) is None and _is_vit(target, backbone):
+            from mlcnc_jax.models import vit_weights
+
             if vit_weights.is_standard_vit(backbone):
                 return vit_weights.load_vit_backbone(path, variables, backbone)
             return clip.load_clip_backbone(path, variables, backbone)
@@ -332,6 +328,7 @@ def build(
     """
     from mlcnc_jax import reports
     from mlcnc_jax.data import pipeline, sources
+    from mlcnc_jax.models import text_classifier
 
     workdir = storage.resolve(workdir)
     is_main = jax.process_index() == 0
