@@ -342,3 +342,7 @@ def test_coco_lt_clip_trains_end_to_end_frozen_with_the_text_classifier_from_cla
     fresh = _tiny(coco_lt_clip.get_config("paper"), root, weights)
     again = cli.run(fresh, str(work), "eval", overrides=[])
     assert again["step"] == 4 and again["num_images_scored"] == 5
+    # ... and so does prediction.
+    fresh.predict.inputs = str(next(iter(sorted(root.rglob("*.jpg")))))
+    out = cli.run(fresh, str(work), "predict", overrides=["predict.inputs"])
+    assert len(json.loads(open(out).read())["predictions"]) == 1
