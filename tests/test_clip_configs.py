@@ -346,3 +346,23 @@ def test_coco_lt_clip_trains_end_to_end_frozen_with_the_text_classifier_from_cla
     fresh.predict.inputs = str(next(iter(sorted(root.rglob("*.jpg")))))
     out = cli.run(fresh, str(work), "predict", overrides=["predict.inputs"])
     assert len(json.loads(open(out).read())["predictions"]) == 1
+
+
+def test_voc_lt_clip_trains_with_the_text_classifier_from_the_same_clip_file(tmp_path, tiny_clip):
+    from mlcnc_jax.data.voc import VOC_CLASSES
+    from mlcnc_jax.models import clip_text
+
+    weights = tmp_path / "clip.safetensors"  # the whole CLIP: both towers in one file
+    _clip_file(weights, seed=4)
+    root, freq = _tree(tmp_path, "voc_lt")
+    config = _tiny(voc_lt_clip.get_config(), root, weights)
+    config.model.classifier = "text"  # the class names and the default template only
+    work = tmp_path / "work"
+    _assert_trained(cli.run(config, str(work), "train"), work, test_images=6)
+    want = clip_text.class_embeddings(
+        str(weights), VOC_CLASSES, ("a photo of a {}.",), "quick_gelu"
+    )
+    np.testing.assert_allclose(np.load(work / "class_text_embeddings.npy"), want, atol=1e-6)
+    saved = checkpoint.Checkpointer(str(work), {}).restore_variables(check=False)
+    v = np.asarray(saved["etf"]["classifier"])
+    np.testing.assert_allclose(v.T @ v, want @ want.T, atol=2e-6)
