@@ -5,8 +5,9 @@ backbone, the optimizer and its defaults, which are this project's choices and n
 measured, the weights file and the text classifier); the data as in configs/coco_lt.py
 (--config.data.root=DIR with annotations/, train2017/, val2017/). Recipes:
 `--config=configs/coco_lt_clip.py` ('reference') or `--config=configs/coco_lt_clip.py:paper`.
-The text classifier's default file: ~/.cache/mlcnc_jax/text/coco_lt_clip_vit_b16.npy
-(80 rows, in the split's class order).
+The text classifier embeds COCO's 80 class names ('a photo of a {}.') with the same
+CLIP file's text tower at start; --mode=eval --config.model.zero_shot=True scores zero-shot
+CLIP (docs/clip.md).
 """
 
 from configs import coco_lt, voc_lt_clip

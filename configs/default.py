@@ -100,8 +100,17 @@ def get_config() -> ml_collections.ConfigDict:
     # class text embeddings in model.text_embeddings instead of the ETF's)
     c.model.classifier = "etf"
     # classifier='text': a .npy file of one text embedding per class, [K, d] float, in the
-    # dataset's class order (e.g. CLIP's of 'a photo of a {name}'; made outside this project).
+    # dataset's class order (e.g. CLIP's of 'a photo of a {name}'), or '' to embed the class
+    # names (class_prompts).
     c.model.text_embeddings = ""
+    # Without text_embeddings: prompt templates ('{}' for the class name; several are
+    # averaged) whose embeddings by CLIP's text tower (read from text_weights, '' for
+    # model.pretrained) are computed once at start and stored in the workdir.
+    c.model.class_prompts = ()
+    c.model.text_weights = ""
+    # --mode=eval without training: score the test split by the cosine of a CLIP backbone's
+    # image embedding with each class's text embedding (docs/clip.md).
+    c.model.zero_shot = False
     c.model.alpha = 1.0
     # gamma at the start. The reference code starts at 1, but with unit-norm projections and
     # unit ETF columns the logits then stay within about +-sqrt(K), too little for the two-way

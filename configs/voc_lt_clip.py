@@ -31,11 +31,18 @@ OpenAI's released ViT-B-16.pt works too when torch is installed. A missing file 
 run at once with the command that makes the .safetensors; nothing is downloaded.
 
 Text classifier (ETF geometry against language geometry, one field):
---config.model.classifier=text reads config.model.text_embeddings (default
-~/.cache/mlcnc_jax/text/voc_lt_clip_vit_b16.npy: CLIP ViT-B/16 text embeddings of
-'a photo of a {name}' for the 20 classes, made outside this project; see the README).
-It is frozen, so compare it with the frozen ETF: `:paper` against `:paper` plus
+--config.model.classifier=text takes the class names from the dataset, puts each in the
+template of config.model.class_prompts ('a photo of a {}.'; several templates are
+averaged) and embeds them once at start with the text tower of the same CLIP file
+(config.model.pretrained, or config.model.text_weights); the [20, 512] array is stored
+in the workdir, so eval and predict do not need the text tower. A .npy made elsewhere
+still works: --config.model.text_embeddings=FILE.npy. The classifier is frozen, so
+compare it with the frozen ETF: `:paper` against `:paper` plus
 --config.model.classifier=text.
+
+Zero-shot CLIP (no training): --mode=eval --config.model.zero_shot=True in a fresh
+workdir scores the test split by the cosine of the image and class text embeddings
+(docs/clip.md).
 
 Data: as configs/voc_lt.py (--config.data.root=VOCdevkit).
 """
@@ -46,6 +53,9 @@ CLIP_WEIGHTS = "~/.cache/mlcnc_jax/weights/clip_vit_b16_openai.safetensors"
 # The normalisation of CLIP's preprocessing (OpenAI's clip.py).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# CLIP's prompt for a class name (its paper's default template).
+CLASS_PROMPTS = ("a photo of a {}.",)
 
 # What the CLIP configs change in a VOC-LT / COCO-LT config ('section.field': value).
 CLIP = {
@@ -67,7 +77,9 @@ def apply_clip(config, dataset: str):
     for key, value in CLIP.items():
         section, field = key.split(".")
         setattr(config[section], field, value)
-    config.model.text_embeddings = f"~/.cache/mlcnc_jax/text/{dataset}_clip_vit_b16.npy"
+    del dataset  # the class names come from the data
+    config.model.text_embeddings = ""
+    config.model.class_prompts = CLASS_PROMPTS
     return config
 
 

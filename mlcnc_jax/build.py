@@ -60,6 +60,13 @@ def check_pretrained_path(config: ml_collections.ConfigDict) -> None:
     path = pretrained_path(config)
     if not path or os.path.exists(os.path.expanduser(path)):
         return
+    from mlcnc_jax.models import vit_weights
+
+    if config.model.backbone in vit_weights.IMAGENET_VITS:  # Google's or timm's weights
+        raise FileNotFoundError(
+            vit_weights.missing_weights_message(os.path.expanduser(path), config.model.backbone)
+            + " Or train from scratch with --config.model.pretrained=none."
+        )
     backbone = _clip_backbone(config)
     if backbone is not None:
         raise FileNotFoundError(
@@ -102,6 +109,10 @@ def load_pretrained(variables: dict, path: str, backbone: nn.Module | None = Non
     if not os.path.isdir(os.path.join(path, "checkpoints")):
         target = variables["params"]["backbone"]
         if pretrained.read_trunk(path) is None and _is_vit(target, backbone):
+            from mlcnc_jax.models import vit_weights
+
+            if vit_weights.is_standard_vit(backbone):
+                return vit_weights.load_vit_backbone(path, variables, backbone)
             return clip.load_clip_backbone(path, variables, backbone)
         return pretrained.load_pretrained_backbone(path, variables)
     source_ckpt = checkpoint.Checkpointer(os.path.abspath(path), {})
@@ -317,6 +328,7 @@ def build(
     """
     from mlcnc_jax import reports
     from mlcnc_jax.data import pipeline, sources
+    from mlcnc_jax.models import text_classifier
 
     workdir = storage.resolve(workdir)
     is_main = jax.process_index() == 0
@@ -327,6 +339,7 @@ def build(
     placement = parallel.Placement(config.parallel)
 
     check_pretrained_path(config)  # before the (possibly slow) dataset checks
+    text_classifier.check_text_weights(config)
     if is_main:
         source = pretrained_path(config)
         console.say(
@@ -343,6 +356,8 @@ def build(
             f"Evaluation on {len(dataset.test)} evenly spaced test images "
             f"(eval.max_images = {config.eval.max_images}; 0 scores the whole split)"
         )
+    # Class names -> text embeddings, once, stored in the workdir (config names the file).
+    config = text_classifier.prepare_class_text(config, dataset.class_names, workdir)
     plan = make_schedule(config, dataset.train.labels)
     model = create_model(config, dataset.num_classes, axis_name=placement.axis_name)
     eval_model = create_model(config, dataset.num_classes) if placement.axis_name else model

@@ -270,6 +270,11 @@ def _run(config, workdir, mode, hooks, wrap_batches, resume, overrides):
         from mlcnc_jax import plan
 
         return plan.plan(config) if jax.process_index() == 0 else {}
+    if config.model.get("zero_shot", False) and mode in ("train", "predict"):
+        raise ValueError(
+            f"config.model.zero_shot=True scores CLIP without training: use it with "
+            f"--mode=eval, not --mode={mode}."
+        )
     if mode == "predict":
         from mlcnc_jax import predict
 
@@ -286,6 +291,10 @@ def _run(config, workdir, mode, hooks, wrap_batches, resume, overrides):
             results = build.train_and_evaluate(
                 config, workdir, hooks=hooks, wrap_batches=wrap_batches, resume=resume
             )
+        elif config.model.get("zero_shot", False):
+            from mlcnc_jax import zero_shot
+
+            results = zero_shot.evaluate(config, workdir)
         else:
             results = build.evaluate_checkpoint(config, workdir, resume)
     if jax.process_index() == 0 and results:

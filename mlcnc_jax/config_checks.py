@@ -223,10 +223,19 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "'mha', embed_dim must be divisible by num_heads",
     )
     check(
-        ("model.classifier", "model.text_embeddings"),
-        lambda classifier, path: classifier != "text" or bool(str(path).strip()),
+        ("model.classifier", "model.text_embeddings", "model.class_prompts"),
+        lambda classifier, path, prompts: (
+            classifier != "text" or bool(str(path).strip()) or bool(prompts)
+        ),
         "config.model.classifier = {0!r} needs config.model.text_embeddings = a .npy file of "
-        "the class text embeddings [K, d] (see the README, 'ViT and CLIP backbones')",
+        "the class text embeddings [K, d], or config.model.class_prompts = templates such as "
+        "\"('a photo of a {{}}.',)\" for the class names (see docs/clip.md)",
+    )
+    check(
+        ("model.class_prompts",),
+        lambda prompts: all(isinstance(t, str) and t.count("{}") == 1 for t in prompts),
+        "config.model.class_prompts = {0!r}: each template needs exactly one '{{}}' where the "
+        "class name goes, e.g. \"('a photo of a {{}}.',)\"",
     )
     check(
         ("train.layer_decay", "model.backbone"),

@@ -5,6 +5,8 @@ OpenAI's key layout (the backbone shrunk to a tiny CLIP-layout ViT registered he
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from test_recipes import _tree
@@ -80,11 +82,45 @@ def _clip_file(path, seed=0):
         )
     state = {f"visual.{k}": v for k, v in visual.items()}
     # The text tower's keys share names with the visual ones and must be ignored.
-    state["transformer.resblocks.0.attn.in_proj_weight"] = normal(48, 16)
-    state["token_embedding.weight"] = normal(10, 16)
+    state.update(_text_tower(rng, TINY["output_dim"]))
     state["logit_scale"] = np.asarray(4.6, np.float32)
     safetensors_numpy.save_file(state, str(path))
     return clip.convert_clip_visual(visual)
+
+
+def _text_tower(rng, output_dim, width=32, layers=1):
+    """A random CLIP text tower in OpenAI's layout: CLIP's vocabulary and context, tiny width."""
+
+    def normal(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    w = width
+    text = {
+        "token_embedding.weight": normal(49408, w, scale=0.5),
+        "positional_embedding": normal(77, w, scale=0.1),
+        "ln_final.weight": 1 + normal(w, scale=0.1),
+        "ln_final.bias": normal(w, scale=0.1),
+        "text_projection": normal(w, output_dim, scale=w**-0.5),
+    }
+    for i in range(layers):
+        b = f"transformer.resblocks.{i}."
+        text.update(
+            {
+                b + "ln_1.weight": 1 + normal(w, scale=0.1),
+                b + "ln_1.bias": normal(w, scale=0.1),
+                b + "ln_2.weight": 1 + normal(w, scale=0.1),
+                b + "ln_2.bias": normal(w, scale=0.1),
+                b + "attn.in_proj_weight": normal(3 * w, w, scale=w**-0.5),
+                b + "attn.in_proj_bias": normal(3 * w, scale=0.1),
+                b + "attn.out_proj.weight": normal(w, w, scale=w**-0.5),
+                b + "attn.out_proj.bias": normal(w, scale=0.1),
+                b + "mlp.c_fc.weight": normal(4 * w, w, scale=w**-0.5),
+                b + "mlp.c_fc.bias": normal(4 * w, scale=0.1),
+                b + "mlp.c_proj.weight": normal(w, 4 * w, scale=(4 * w) ** -0.5),
+                b + "mlp.c_proj.bias": normal(w, scale=0.1),
+            }
+        )
+    return text
 
 
 def _tiny(config, root, weights):
@@ -127,7 +163,7 @@ def test_clip_configs_change_only_the_backbone_and_its_optimizer(module, base, n
     c, ref = module.get_config(recipe), base.get_config(recipe)
     config_checks.validate(c)
     changed = {k for k, v in _fields(c).items() if v != _fields(ref)[k]}
-    assert changed <= set(voc_lt_clip.CLIP) | {"model.text_embeddings"}
+    assert changed <= set(voc_lt_clip.CLIP) | {"model.class_prompts"}
     assert {k: _fields(c)[k] for k in voc_lt_clip.CLIP} == voc_lt_clip.CLIP
     # The recipe's head and losses; the optimizer is the one announced departure from it.
     assert c.recipe == recipe and c.data.name == name
@@ -141,7 +177,9 @@ def test_clip_configs_change_only_the_backbone_and_its_optimizer(module, base, n
     assert tuple(c.data.std) == (0.26862954, 0.26130258, 0.27577711)
     assert (c.train.backbone_lr_multiplier, c.train.layer_decay) == (0.1, 0.75)
     assert c.model.pretrained.endswith("clip_vit_b16_openai.safetensors")
-    assert c.model.text_embeddings.endswith(f"{name}_clip_vit_b16.npy")
+    # The text classifier from the dataset's class names, embedded by the same CLIP file.
+    assert (c.model.text_embeddings, c.model.text_weights) == ("", "")
+    assert c.model.class_prompts == ("a photo of a {}.",)
     c.model.classifier = "text"  # the language geometry instead of the ETF's: one field
     config_checks.validate(c)
 
@@ -262,22 +300,69 @@ def test_voc_lt_clip_trains_end_to_end_and_its_workdir_is_a_pretrained_backbone(
         build.load_pretrained(dict(other), str(work))
 
 
-def test_coco_lt_clip_trains_end_to_end_frozen_with_the_text_classifier(tmp_path, tiny_clip):
+def test_coco_lt_clip_trains_end_to_end_frozen_with_the_text_classifier_from_class_names(
+    tmp_path, tiny_clip
+):
+    from mlcnc_jax.models import clip_text
+
     weights = tmp_path / "clip.safetensors"
     converted = _flat(_clip_file(weights, seed=1))
+    # The text tower from another file (model.text_weights), removed after training.
+    text_weights = tmp_path / "text.safetensors"
+    safetensors_numpy.save_file(
+        _text_tower(np.random.default_rng(5), TINY["output_dim"]), str(text_weights)
+    )
     root, freq = _tree(tmp_path, "coco_lt")
     config = _tiny(coco_lt_clip.get_config("paper"), root, weights)
     config.train.backbone_lr_multiplier = 0.0  # a frozen CLIP
-    config.model.classifier = "text"
-    text = np.random.default_rng(2).standard_normal((len(freq), TINY["output_dim"]))
-    config.model.text_embeddings = str(tmp_path / "coco_text.npy")
-    np.save(config.model.text_embeddings, text.astype(np.float32))
+    config.model.classifier = "text"  # the class names: nothing else is given
+    config.model.text_weights = str(text_weights)
     config_checks.validate(config)
     work = tmp_path / "work"
     _assert_trained(cli.run(config, str(work), "train"), work, test_images=5)
     saved = checkpoint.Checkpointer(str(work), {}).restore_variables(check=False)
     for key, value in _flat(saved["params"]["backbone"]).items():
         np.testing.assert_array_equal(value, converted[key], err_msg=key)
+    # The stored embeddings are the text tower's of the class names, and the classifier
+    # has their geometry.
+    stored = np.load(work / "class_text_embeddings.npy")
+    names = json.loads((work / "class_text_embeddings.json").read_text())["class_names"]
+    assert len(names) == len(freq) == stored.shape[0]
+    want = clip_text.class_embeddings(str(text_weights), names, ("a photo of a {}.",), "quick_gelu")
+    np.testing.assert_allclose(stored, want, atol=1e-6)
     v = np.asarray(saved["etf"]["classifier"])
-    t = text / np.linalg.norm(text, axis=1, keepdims=True)
-    np.testing.assert_allclose(v.T @ v, t @ t.T, atol=2e-6)
+    np.testing.assert_allclose(v.T @ v, want @ want.T, atol=2e-6)
+    saved_config = json.loads((work / "config.json").read_text())
+    assert saved_config["config"]["model"]["text_embeddings"] == str(
+        work / "class_text_embeddings.npy"
+    )
+    # Evaluation reads the stored embeddings: the text tower is no longer needed.
+    text_weights.unlink()
+    # (As `mlcnc --mode=eval --workdir=...` with no overrides: the saved config is used.)
+    fresh = _tiny(coco_lt_clip.get_config("paper"), root, weights)
+    again = cli.run(fresh, str(work), "eval", overrides=[])
+    assert again["step"] == 4 and again["num_images_scored"] == 5
+    # ... and so does prediction.
+    fresh.predict.inputs = str(next(iter(sorted(root.rglob("*.jpg")))))
+    out = cli.run(fresh, str(work), "predict", overrides=["predict.inputs"])
+    assert len(json.loads(open(out).read())["predictions"]) == 1
+
+
+def test_voc_lt_clip_trains_with_the_text_classifier_from_the_same_clip_file(tmp_path, tiny_clip):
+    from mlcnc_jax.data.voc import VOC_CLASSES
+    from mlcnc_jax.models import clip_text
+
+    weights = tmp_path / "clip.safetensors"  # the whole CLIP: both towers in one file
+    _clip_file(weights, seed=4)
+    root, freq = _tree(tmp_path, "voc_lt")
+    config = _tiny(voc_lt_clip.get_config(), root, weights)
+    config.model.classifier = "text"  # the class names and the default template only
+    work = tmp_path / "work"
+    _assert_trained(cli.run(config, str(work), "train"), work, test_images=6)
+    want = clip_text.class_embeddings(
+        str(weights), VOC_CLASSES, ("a photo of a {}.",), "quick_gelu"
+    )
+    np.testing.assert_allclose(np.load(work / "class_text_embeddings.npy"), want, atol=1e-6)
+    saved = checkpoint.Checkpointer(str(work), {}).restore_variables(check=False)
+    v = np.asarray(saved["etf"]["classifier"])
+    np.testing.assert_allclose(v.T @ v, want @ want.T, atol=2e-6)

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mlcnc_jax.models import vit
 from mlcnc_jax.models.mlcnc import MLCNC
 from mlcnc_jax.models.vit import (
     VIT_CONFIGS,
+    Attention,
     ViT,
     get_vit,
     interpolate_pos_embedding,
@@ -196,6 +198,64 @@ def test_interpolation_matches_torch(method):
     got = np.asarray(interpolate_pos_embedding(jnp.asarray(pos), (h, w), method))
     np.testing.assert_allclose(got[1:], ref, atol=1e-5)
     np.testing.assert_array_equal(got[0], pos[0])
+
+
+def test_jax_cubic_resize_is_not_torchs_bicubic():
+    # Why interpolate_pos_embedding keeps its own matrices: jax.image.resize's 'cubic'
+    # (Keys a = -0.5, outside taps renormalised) is not torch's bicubic (a = -0.75, clamped).
+    torch = pytest.importorskip("torch")
+    grid = np.random.default_rng(0).standard_normal((14, 14, 3)).astype(np.float32)
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(grid).permute(2, 0, 1)[None], size=(24, 24), mode="bicubic"
+    )[0].permute(1, 2, 0)
+    for antialias in (False, True):
+        got = jax.image.resize(jnp.asarray(grid), (24, 24, 3), "cubic", antialias=antialias)
+        assert np.abs(np.asarray(got) - ref.numpy())[4:-4, 4:-4].max() > 0.05
+
+
+def _numpy_attention(x, p, heads, causal):
+    # softmax(q k^T / sqrt(d)) v per head, written out in float64.
+    b, n, c = x.shape
+    dh = c // heads
+
+    def proj(name, y):
+        return y @ p[name]["kernel"].astype(np.float64) + p[name]["bias"]
+
+    q, k, v = (proj(f"{s}_proj", x).reshape(b, n, heads, dh) for s in "qkv")
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh)
+    if causal:
+        logits = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, n, c)
+    return proj("out_proj", out)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_a_numpy_reference(causal):
+    x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
+    attn = Attention(16, 4, causal=causal)
+    rng = np.random.default_rng(1)
+    shapes = jax.eval_shape(lambda: attn.init(jax.random.key(0), x))["params"]
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.5, shapes)
+    got = np.asarray(jax.jit(lambda p, x: attn.apply({"params": p}, x))(params, x))
+    np.testing.assert_allclose(got, _numpy_attention(x, params, 4, causal), atol=1e-5)
+    if causal:  # the first token sees only itself: later tokens do not change it
+        x2 = x.copy()
+        x2[:, 1:] += 1.0
+        again = np.asarray(jax.jit(lambda p, x: attn.apply({"params": p}, x))(params, x2))
+        np.testing.assert_allclose(again[:, 0], got[:, 0], atol=1e-6)
+
+
+def test_attention_implementation_per_backend(monkeypatch):
+    assert vit.attention_implementation(jnp.bfloat16, 64) == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert vit.attention_implementation(jnp.bfloat16, 64) == "cudnn"
+    assert vit.attention_implementation(jnp.float16, 128) == "cudnn"
+    # cuDNN's fused kernel: half precision, head width a multiple of 8 up to 128.
+    assert vit.attention_implementation(jnp.float32, 64) == "xla"
+    assert vit.attention_implementation(jnp.bfloat16, 36) == "xla"
+    assert vit.attention_implementation(jnp.bfloat16, 256) == "xla"
 
 
 def test_any_resolution_runs():

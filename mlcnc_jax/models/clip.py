@@ -198,6 +198,42 @@ def _safetensors_state_dict(path: str) -> Mapping[str, Any]:
         return {k: np.asarray(v.astype(jnp.float32)) for k, v in load_jax(path).items()}
 
 
+def read_state_dict(path: str, missing_message: str = "") -> dict[str, np.ndarray]:
+    """Reads a whole weights file as float32 numpy arrays (both CLIP towers, say).
+
+    Args:
+        path: `.safetensors` (no torch needed), or `.pt` / `.pth` / `.bin` (needs torch;
+            TorchScript archives as OpenAI releases them, or pickled state dicts).
+        missing_message: the message of the FileNotFoundError (default: names the path).
+
+    Returns:
+        Key -> float32 array, with a 'state_dict' / 'model' wrapper and a DataParallel
+        `module.` prefix removed; entries that are not tensors are dropped.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ImportError: for a torch format when torch is not installed.
+        ValueError: for another extension.
+    """
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(missing_message or f"weights file not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        raw: Mapping[str, Any] = _safetensors_state_dict(path)
+    elif ext in (".pt", ".pth", ".bin"):
+        raw = _torch_state_dict(path)
+        for wrapper in ("state_dict", "model"):
+            if isinstance(raw, Mapping) and wrapper in raw and isinstance(raw[wrapper], Mapping):
+                raw = raw[wrapper]
+        raw = {k: v.detach().float().numpy() for k, v in raw.items() if hasattr(v, "detach")}
+    else:
+        raise ValueError(
+            f"unsupported CLIP weights file {path}: expected .safetensors, .pt, .pth or .bin"
+        )
+    return {k.removeprefix("module."): np.asarray(v, dtype=np.float32) for k, v in raw.items()}
+
+
 def load_clip_state_dict(path: str, arch: ClipVisionArch | None = None) -> dict[str, np.ndarray]:
     """Reads the visual tower of a CLIP checkpoint as float32 numpy arrays.
 
@@ -216,22 +252,7 @@ def load_clip_state_dict(path: str, arch: ClipVisionArch | None = None) -> dict[
         ValueError: for another extension, or a file without a CLIP ViT visual tower.
     """
     path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(_missing_file_message(path, arch))
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        raw: Mapping[str, Any] = _safetensors_state_dict(path)
-    elif ext in (".pt", ".pth", ".bin"):
-        raw = _torch_state_dict(path)
-        for wrapper in ("state_dict", "model"):
-            if isinstance(raw, Mapping) and wrapper in raw and isinstance(raw[wrapper], Mapping):
-                raw = raw[wrapper]
-        raw = {k: v.detach().float().numpy() for k, v in raw.items() if hasattr(v, "detach")}
-    else:
-        raise ValueError(
-            f"unsupported CLIP weights file {path}: expected .safetensors, .pt, .pth or .bin"
-        )
-    state = {k.removeprefix("module."): v for k, v in raw.items()}
+    state = read_state_dict(path, _missing_file_message(path, arch))
     if any(k.startswith("visual.") for k in state):
         # A full CLIP model: the text tower also has 'transformer.resblocks.*' keys.
         state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
@@ -349,6 +370,33 @@ def check_clip_architecture(arch: ClipVisionArch, backbone: ViT, path: str = "")
         _raise_mismatch(arch, diffs, path)
 
 
+def set_block_leaf(params: dict, block: str, leaf: str, value: np.ndarray) -> None:
+    """Puts one torch leaf of a CLIP residual attention block into the Flax params.
+
+    Args:
+        params: the nested params being built.
+        block: the Flax block name ('resblocks_3').
+        leaf: the torch key below the block ('attn.in_proj_weight', 'mlp.c_fc.bias', ...).
+        value: the float32 array.
+    """
+    if leaf == "attn.in_proj_weight":
+        # Packed [q; k; v] rows of torch's MultiheadAttention, each [C, C] (out, in).
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
+            _set(params, (block, "attn", name, "kernel"), w.T)
+    elif leaf == "attn.in_proj_bias":
+        for name, b in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
+            _set(params, (block, "attn", name, "bias"), b)
+    elif leaf.startswith("ln_"):
+        module, kind = leaf.split(".")
+        _set(params, (block, module, "scale" if kind == "weight" else "bias"), value)
+    else:  # attn.out_proj, mlp.c_fc, mlp.c_proj: torch Linear [out, in] -> [in, out]
+        *modules, kind = leaf.split(".")
+        if kind == "weight":
+            _set(params, (block, *modules, "kernel"), value.T)
+        else:
+            _set(params, (block, *modules, "bias"), value)
+
+
 def convert_clip_visual(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Converts a CLIP ViT visual-tower state dict into `ViT` params.
 
@@ -381,23 +429,7 @@ def convert_clip_visual(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
         if m is None or m.group(2) not in _BLOCK_LEAVES:
             unknown.append(key)
             continue
-        block, leaf = f"resblocks_{m.group(1)}", m.group(2)
-        if leaf == "attn.in_proj_weight":
-            # Packed [q; k; v] rows of torch's MultiheadAttention, each [C, C] (out, in).
-            for name, w in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
-                _set(params, (block, "attn", name, "kernel"), w.T)
-        elif leaf == "attn.in_proj_bias":
-            for name, b in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
-                _set(params, (block, "attn", name, "bias"), b)
-        elif leaf.startswith("ln_"):
-            module, kind = leaf.split(".")
-            _set(params, (block, module, "scale" if kind == "weight" else "bias"), value)
-        else:  # attn.out_proj, mlp.c_fc, mlp.c_proj: torch Linear [out, in] -> [in, out]
-            *modules, kind = leaf.split(".")
-            if kind == "weight":
-                _set(params, (block, *modules, "kernel"), value.T)
-            else:
-                _set(params, (block, *modules, "bias"), value)
+        set_block_leaf(params, f"resblocks_{m.group(1)}", m.group(2), value)
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (
             f", ... ({len(unknown)} in all)" if len(unknown) > 8 else ""

@@ -11,6 +11,9 @@ Module and parameter names follow OpenAI CLIP's visual tower
 is that attention has separate `q_proj`, `k_proj`, `v_proj` projections where
 torch packs them into one `in_proj` matrix.
 
+Attention runs through `jax.nn.dot_product_attention`: cuDNN's fused kernel on an NVIDIA
+GPU in half precision, XLA's everywhere else (`attention_implementation`).
+
 Positional-embedding interpolation: the positional embedding is stored for the
 grid of `image_size // patch_size` patches per side. An input of another size
 gets its grid resized on the fly in the forward pass (the class-token row is
@@ -118,6 +121,11 @@ def interpolate_pos_embedding(
     if tuple(grid) == (g, g):
         return pos_embedding
     cls_row, table = pos_embedding[:1], pos_embedding[1:].reshape(g, g, c)
+    # Not jax.image.resize: its 'cubic' is Keys' kernel with a = -0.5 and it renormalises the
+    # taps that fall outside the grid, where torch's bicubic (which CLIP, timm and open_clip
+    # resize their position embeddings with) uses a = -0.75 and clamps the indices. On a
+    # 14 -> 24 grid of unit-scale values the two differ by up to 0.27, also away from the
+    # borders; `resize_matrix` reproduces torch to float32 rounding (tests/test_vit.py).
     # Shapes are static, so the separable resampling matrices are constants of the trace.
     mh = jnp.asarray(resize_matrix(g, grid[0], method), jnp.float32)
     mw = jnp.asarray(resize_matrix(g, grid[1], method), jnp.float32)
@@ -140,12 +148,44 @@ def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
     )
 
 
+def attention_implementation(dtype: Any, head_dim: int) -> str:
+    """The `jax.nn.dot_product_attention` implementation for this backend, dtype and head width.
+
+    cuDNN's fused (flash) attention runs on NVIDIA GPUs in half precision with a head width
+    that is a multiple of 8 up to 128 (ViT-B/16 and CLIP: 64); everything else (CPU, TPU,
+    float32, other widths) uses XLA's, which XLA fuses on its own.
+
+    Args:
+        dtype: the computation dtype of q, k and v.
+        head_dim: the width of one head.
+
+    Returns:
+        'cudnn' or 'xla'.
+    """
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "xla"
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v projections (no masking, no dropout)."""
+    """Multi-head self-attention with separate q/k/v projections (no dropout).
+
+    Attributes:
+        width: token width.
+        num_heads: heads (width must be divisible by it).
+        causal: each token attends only to itself and the tokens before it (CLIP's text
+            tower); otherwise to every token.
+        dtype: computation dtype.
+        implementation: 'xla', 'cudnn' or None to choose per backend
+            (`attention_implementation`).
+    """
 
     width: int
     num_heads: int
     dtype: Any = jnp.float32
+    causal: bool = False
+    implementation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -155,11 +195,17 @@ class Attention(nn.Module):
         q = _dense(self.width, self.dtype, "q_proj")(x).reshape(b, n, h, dh)
         k = _dense(self.width, self.dtype, "k_proj")(x).reshape(b, n, h, dh)
         v = _dense(self.width, self.dtype, "v_proj")(x).reshape(b, n, h, dh)
-        # Softmax in float32 so that bfloat16 compute does not lose the attention's tail.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(dh)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, self.width)
-        return _dense(self.width, self.dtype, "out_proj")(out)
+        impl = self.implementation or attention_implementation(q.dtype, dh)
+        # The library's attention: XLA's computes the logits and the softmax in float32 even
+        # for bfloat16 inputs (so the attention's tail is not lost), cuDNN's is fused.
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=impl)
+        except (NotImplementedError, RuntimeError, ValueError):
+            if impl != "cudnn" or self.implementation == "cudnn":
+                raise
+            # A GPU whose cuDNN (version, compute capability) lacks the fused kernel.
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="xla")
+        return _dense(self.width, self.dtype, "out_proj")(out.reshape(b, n, self.width))
 
 
 class MLP(nn.Module):
@@ -179,7 +225,7 @@ class MLP(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (causal: CLIP's text)."""
 
     width: int
     num_heads: int
@@ -187,6 +233,7 @@ class ResidualAttentionBlock(nn.Module):
     activation: str = "gelu"
     ln_eps: float = 1e-6
     dtype: Any = jnp.float32
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -195,7 +242,8 @@ class ResidualAttentionBlock(nn.Module):
                 epsilon=self.ln_eps, dtype=self.dtype, param_dtype=jnp.float32, name=name
             )
 
-        x = x + Attention(self.width, self.num_heads, self.dtype, name="attn")(ln("ln_1")(x))
+        attn = Attention(self.width, self.num_heads, self.dtype, self.causal, name="attn")
+        x = x + attn(ln("ln_1")(x))
         mlp = MLP(self.width, self.mlp_dim, self.activation, self.dtype, name="mlp")
         return x + mlp(ln("ln_2")(x))
 
