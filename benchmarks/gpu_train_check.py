@@ -342,7 +342,9 @@ def run_check(
     t0 = time.perf_counter()
     state = build.initial_train_state(config, model, tx, num_classes)
     init_s = time.perf_counter() - t0
-    norm = {"mean": tuple(config.data.mean), "std": tuple(config.data.std)}
+    # uint8 pixels cross to the device, normalised there, as the tf.data pipeline's do.
+    norm = {"mean": None, "std": None}
+    image_norm = (tuple(config.data.mean), tuple(config.data.std))
     evaluator = Evaluator(
         model,
         lambda: arrays.eval_batches(
@@ -351,6 +353,7 @@ def run_check(
         num_images=len(data["test_labels"]),
         class_split=data["class_split"],
         mesh=placement.mesh,
+        image_norm=image_norm,
     )
     timing = StepTimes()
     trainer = Trainer(
@@ -365,6 +368,10 @@ def run_check(
         hooks=[timing],
         eval_every_steps=steps,
         checkpoint_every_steps=steps,
+        # Step times come from the fetches (StepTimes): at least ten of them per run.
+        log_every_steps=max(1, min(config.train.log_every_steps, steps // 10)),
+        prefetch=config.train.prefetch_batches,
+        image_norm=image_norm,
     )
     batches = arrays.train_batches(
         data["train_images"],

@@ -106,19 +106,23 @@ class Evaluator:
                 fy = y
             parts[name].append((s, y, f, fy))
 
-    def __call__(self, state: TrainState) -> dict[str, Any]:
-        """mAP by group for the raw and the EMA weights, per-class AP and the NC measures.
+    def score(self, weights: dict[str, dict], step: int, desc: str = "eval") -> dict[str, Any]:
+        """mAP by group, per-class AP and the NC measures of each set of weights.
+
+        Args:
+          weights: {name: the model's variables}, e.g. {'raw': ..., 'ema': ...}.
+          step: the step the weights are of (recorded in the results).
+          desc: the progress bar's label.
 
         Returns:
-          {'step', 'raw': {'map', 'ap', 'neural_collapse'}, 'ema': {...},
+          {'step', name: {'map', 'ap', 'neural_collapse'} for each name,
           'num_images_scored', 'num_images_expected', 'seconds'}.
         """
         t0 = time.time()
-        results: dict[str, Any] = {"step": int(state.step)}
-        scored = self.predict_scores(
-            {"raw": state.variables(), "ema": state.ema_variables()}, "eval"
-        )
-        for name, (scores, labels, feats, feat_labels) in scored.items():
+        results: dict[str, Any] = {"step": int(step)}
+        for name, (scores, labels, feats, feat_labels) in self.predict_scores(
+            weights, desc
+        ).items():
             if len(scores) != self.num_images:
                 raise RuntimeError(f"Scored {len(scores)} test images, expected {self.num_images}.")
             results[name] = {
@@ -130,3 +134,7 @@ class Evaluator:
         results["num_images_expected"] = int(self.num_images)
         results["seconds"] = time.time() - t0
         return results
+
+    def __call__(self, state: TrainState) -> dict[str, Any]:
+        """The raw and the EMA weights of `state`, scored in one pass (see `score`)."""
+        return self.score({"raw": state.variables(), "ema": state.ema_variables()}, int(state.step))

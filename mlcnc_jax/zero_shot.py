@@ -17,7 +17,6 @@ raw and the EMA entries are the same weights.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -131,31 +130,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         class_split=dataset.class_split,
         mesh=placement.mesh,
         progress=is_main,
+        image_norm=(tuple(config.data.mean), tuple(config.data.std)),
     )
     if is_main:
         console.say(
             f"Zero-shot {config.model.backbone} from {weights} on {dataset.name}: "
             f"{dataset.num_classes} classes, {len(dataset.test)} test images"
         )
-    t0 = time.time()
-    scores, labels, feats, feat_labels = evaluator.predict_scores(variables, "zero-shot")
-    if len(scores) != len(dataset.test):
-        raise RuntimeError(f"Scored {len(scores)} test images, expected {len(dataset.test)}.")
-    from mlcnc_jax import metrics  # noqa: PLC0415
-
-    scored = {
-        "map": metrics.lt_map(scores, labels, dataset.class_split),
-        "ap": metrics.average_precision(scores, labels),
-        "neural_collapse": metrics.neural_collapse(feats, feat_labels),
-    }
-    results = {
-        "step": 0,
-        "raw": scored,
-        "ema": scored,  # no training: the raw and the EMA weights are CLIP's
-        "num_images_scored": int(len(scores)),
-        "num_images_expected": int(len(dataset.test)),
-        "seconds": time.time() - t0,
-    }
+    results = evaluator.score({"raw": variables}, step=0, desc="zero-shot")
+    results["ema"] = results["raw"]  # no training: the raw and the EMA weights are CLIP's
     if is_main:
         reports.write_eval_report(
             workdir,

@@ -42,7 +42,8 @@ def _reference(config, weights, text):
     images, labels = [], []
     for batch in pipeline.eval_batches(dataset.test, config, global_batch=16):
         keep = batch["mask"].astype(bool)
-        images.append(np.asarray(embed(params, batch["image"]))[keep])
+        pixels = pipeline.normalize_pixels(batch["image"], config.data.mean, config.data.std)
+        images.append(np.asarray(embed(params, pixels))[keep])
         labels.append(batch["labels"][keep])
     image, labels = np.concatenate(images).astype(np.float64), np.concatenate(labels)
     image /= np.linalg.norm(image, axis=1, keepdims=True)
@@ -94,12 +95,13 @@ def test_zero_shot_scores_cosines_from_class_names_alone(module, name, test_imag
         num_images=len(dataset.test),
         class_split=dataset.class_split,
         mesh=make_mesh(),
+        image_norm=(tuple(config.data.mean), tuple(config.data.std)),
     )
     variables = {
         "params": {"backbone": clip.load_clip_params(str(weights), vit.ViT(**TINY))},
         "zero_shot": {"text": text},
     }
-    scores = evaluator.predict_scores(variables)[0]
+    scores = evaluator.predict_scores({"raw": variables})["raw"][0]
     np.testing.assert_allclose(scores, 1 / (1 + np.exp(-cos)), atol=1e-5)
 
 

@@ -18,8 +18,14 @@ import numpy as np
 from mlcnc_jax.data import sampling
 
 
-def _normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def _normalise(
+    images: np.ndarray, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> np.ndarray:
     x = np.asarray(images)
+    if mean is None:  # uint8 pixels handed over as they are: the step normalises them
+        if x.dtype != np.uint8:
+            raise ValueError(f"mean=None keeps uint8 pixels; these images are {x.dtype}")
+        return x
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
@@ -47,7 +53,8 @@ def train_batches(
       sampling_name: 'class_aware' or 'uniform' (config.data.sampling).
       seed: sampling seed (config.seed).
       start_step: first global step (resumption).
-      mean: per-channel mean subtracted from [0, 1] images.
+      mean: per-channel mean subtracted from [0, 1] images; None: uint8 images are
+        yielded as uint8 pixels (for a step that normalises them, `Trainer(image_norm=)`).
       std: per-channel std.
       process_index: this host.
       process_count: number of hosts (G must divide evenly).
@@ -106,10 +113,9 @@ def eval_batches(
         pos = s * global_batch + process_index * host_batch + np.arange(host_batch)
         valid = pos < n
         index = np.minimum(pos, n - 1)
-        weight = valid.astype(np.float32)
         yield {
-            "image": images[index] * weight[:, None, None, None],
-            "labels": labels[index] * weight[:, None],
+            "image": np.where(valid[:, None, None, None], images[index], 0).astype(images.dtype),
+            "labels": labels[index] * valid[:, None].astype(np.float32),
             "mask": valid,
         }
 
