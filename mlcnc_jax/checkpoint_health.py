@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 from absl import logging
 
+from mlcnc_jax.errors import UserError
+
 ITEMS = ("state", "meta")
 # Suffix of a checkpoint set aside; orbax ignores directories whose name is not a step.
 BROKEN_SUFFIX = ".broken"
@@ -39,7 +41,7 @@ class BrokenCheckpoint:
         return f"step {self.step} at {self.path}: {self.reason}"
 
 
-class BrokenCheckpointError(RuntimeError):
+class BrokenCheckpointError(UserError, RuntimeError):
     """The checkpoint to restore is broken; the message names it and the ways on."""
 
 

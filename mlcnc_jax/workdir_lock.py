@@ -39,13 +39,14 @@ from collections.abc import Iterator
 from absl import logging
 
 from mlcnc_jax import storage
+from mlcnc_jax.errors import UserError
 
 # A lock of another host older than this is taken to be left by a run that died (a run
 # that really goes on longer needs force=True from its successor, or to be left alone).
 FOREIGN_STALE_AFTER_S = 7 * 24 * 3600
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(UserError, RuntimeError):
     """Another live run holds the workdir."""
 
 

@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mlcnc_jax import config_checks
 from mlcnc_jax.data import dataset as dataset_lib
+from mlcnc_jax.errors import UserError
 
 # Keep TensorFlow off the accelerators: JAX owns them.
 try:
@@ -529,13 +530,13 @@ def make_config(
       with '_dbloss' appended for that train split.
     """
     if classes not in CLASS_SETS:
-        raise ValueError(
+        raise UserError(
             f"synthetic_lt classes must be one of {sorted(CLASS_SETS)}, got {classes!r}"
         )
     if int(image_size) < 16:
-        raise ValueError(f"synthetic_lt image_size must be >= 16 pixels, got {image_size}")
+        raise UserError(f"synthetic_lt image_size must be >= 16 pixels, got {image_size}")
     if train_split not in TRAIN_SPLITS or (train_split != "planned" and classes != "target"):
-        raise ValueError(
+        raise UserError(
             f"synthetic_lt train_split must be one of {TRAIN_SPLITS} ('dbloss' for the 'target' "
             f"classes only), got {train_split!r} for {classes!r}"
         )
@@ -740,7 +741,7 @@ def load(config) -> dataset_lib.MultiLabelDataset:
     """
     classes = config.data.synthetic_classes
     if classes not in CLASS_SETS:
-        raise ValueError(
+        raise UserError(
             f"config.data.synthetic_classes must be 'target' or 'pretrain', got {classes!r}"
         )
     root = pathlib.Path(os.path.expanduser(config.data.root))
@@ -792,7 +793,7 @@ def preview(dataset: dataset_lib.MultiLabelDataset, path: str | os.PathLike, n: 
     split = dataset.train
     n = min(n, len(split))
     if n == 0:
-        raise ValueError(f"dataset {dataset.name!r} has no training images to preview")
+        raise UserError(f"dataset {dataset.name!r} has no training images to preview")
     cell, text_h = 128, 30
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
