@@ -23,6 +23,7 @@ from absl import app, flags, logging
 
 from mlcnc_jax import run_config, storage
 from mlcnc_jax.config_files import resolve_config_argv
+from mlcnc_jax.errors import UserError
 from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 
 MODES = ["train", "eval", "predict", "data_stats", "plan"]
@@ -232,6 +233,11 @@ def run(
     """
     from mlcnc_jax import parallel
 
+    if not str(workdir).strip():
+        # '' would resolve to the current directory (often the repository itself).
+        raise UserError(
+            "--workdir is empty: name the run's directory, e.g. --workdir=workdir/default"
+        )
     if multihost:
         parallel.initialize_distributed(coordinator_address, num_processes, process_id)
         import jax
@@ -278,7 +284,7 @@ def _run(config, workdir, mode, hooks, wrap_batches, resume, overrides):
     from mlcnc_jax import build
 
     if mode not in ("train", "eval"):
-        raise ValueError(f"Unknown mode {mode!r}: use one of {MODES}.")
+        raise UserError(f"Unknown mode {mode!r}: use one of {MODES}.")
     # One run per workdir: a second one stops here, naming the holder.
     with workdir_lock.hold(workdir, process_index=jax.process_index(), force=resume.force_unlock):
         _prepare_data_on_process_0_first(config)
