@@ -11,8 +11,14 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_py(*args, timeout=900):  # generous: a shared, loaded CPU is slow to generate the data
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+def run_py(*args, timeout=900, env=None):  # generous: a loaded CPU is slow to make the data
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "",
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=ROOT,
