@@ -1,10 +1,11 @@
 """Every error a user can cause ends in one message: exit code 1, no traceback.
 
-Each case is a bad input run through run.py as a user would (a subprocess), on a tiny config
-or tiny files; every case fails before any training step, most before any data is read.
+Each case is a bad input given to run.py's main as a user would give it, on a tiny config or
+tiny files; every case fails before any training step, most before any data is read. The
+cases that need an environment of their own run as run.py processes; the others run one
+after another in one process that runs main as run.py does (to pay the start-up once).
 """
 
-import concurrent.futures
 import os
 import shutil
 
@@ -204,7 +205,12 @@ def _cases(tmp, data_root):
     )
 
     # The machine.
-    add("multihost without a coordinator", [data, work, "--multihost"], ["multihost"])
+    add(
+        "multihost without a coordinator",
+        [data, work, "--multihost"],
+        ["multihost"],
+        env={"JAX_COORDINATOR_ADDRESS": ""},  # its own process: it starts JAX's distributed mode
+    )
     add(
         "JAX_PLATFORMS=gpu without a GPU",
         [data, work],
@@ -214,10 +220,76 @@ def _cases(tmp, data_root):
     return cases
 
 
-def _run(case):
-    name, argv, env, words, may_succeed = case
-    result = run_py(*argv, env=env, timeout=300)
-    return name, words, may_succeed, result
+# Runs cases one after another in one process, as run.py would (its main, its exit): the
+# program's start-up (JAX, TensorFlow) is paid once instead of once per case. What each case
+# writes to stderr (the file descriptor: native code too) goes to its own file, and an
+# exception that escapes main is printed with its traceback, as the interpreter would.
+_DRIVER = """
+import json, os, sys, traceback
+from absl import flags
+from mlcnc_jax import cli
+
+for case in json.load(open(sys.argv[1])):
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(case["stderr"], "w") as out:
+        os.dup2(out.fileno(), 2)
+    code = 0
+    try:
+        cli.main(["run.py", *case["argv"]])
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            code = 1
+        else:
+            code = e.code or 0
+    except BaseException:
+        traceback.print_exc()
+        code = 99
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    with open(case["stderr"] + ".code", "w") as f:
+        f.write(str(code))
+    # config_flags defines a flag per --config.FIELD override while parsing: forget them.
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+"""
+
+
+class _Result:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
+
+
+def _run_together(cases, tmp):
+    """Runs the cases without their own environment in one run.py-like process."""
+    import json
+    import subprocess
+    import sys
+
+    from test_cli import ROOT
+
+    listing = []
+    for i, (_, argv, _, _, _) in enumerate(cases):
+        listing.append({"argv": argv, "stderr": str(tmp / f"case_{i}.stderr")})
+    (tmp / "cases.json").write_text(json.dumps(listing))
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", _DRIVER, str(tmp / "cases.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = []
+    for entry in listing:
+        code = int(open(entry["stderr"] + ".code").read())
+        results.append(_Result(code, open(entry["stderr"]).read()))
+    return results
 
 
 def test_every_bad_input_ends_in_one_message(tmp_path, data_root):
@@ -228,22 +300,28 @@ def test_every_bad_input_ends_in_one_message(tmp_path, data_root):
 
     sources.load_dataset(tiny_config(data_root))
     cases = _cases(tmp_path, data_root)
+    # Cases with an environment of their own run as run.py processes; the others together.
+    alone = [c for c in cases if c[2]]
+    together = [c for c in cases if not c[2]]
+    results = dict(zip([c[0] for c in together], _run_together(together, tmp_path)))
+    for name, argv, env, _, _ in alone:
+        results[name] = run_py(*argv, env=env, timeout=300)
     failures = []
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        for name, words, may_succeed, result in pool.map(_run, cases):
-            errors = [line for line in result.stderr.splitlines() if "run.py: error:" in line]
-            problems = []
-            if may_succeed and result.returncode == 0:
-                errors = ["fine"]
-            elif result.returncode != 1:
-                problems.append(f"exit code {result.returncode}")
-            if "Traceback" in result.stderr:
-                problems.append("a traceback")
-            if len(errors) != 1:
-                problems.append(f"{len(errors)} 'run.py: error:' lines")
-            missing = [w for w in words if w not in result.stderr]
-            if missing:
-                problems.append(f"no {missing} in the message")
-            if problems:
-                failures.append(f"{name}: {', '.join(problems)}\n{result.stderr[-1500:]}")
+    for name, _, _, words, may_succeed in cases:
+        result = results[name]
+        errors = [line for line in result.stderr.splitlines() if "run.py: error:" in line]
+        problems = []
+        if may_succeed and result.returncode == 0:
+            errors = ["fine"]
+        elif result.returncode != 1:
+            problems.append(f"exit code {result.returncode}")
+        if "Traceback" in result.stderr:
+            problems.append("a traceback")
+        if len(errors) != 1:
+            problems.append(f"{len(errors)} 'run.py: error:' lines")
+        missing = [w for w in words if w not in result.stderr]
+        if missing:
+            problems.append(f"no {missing} in the message")
+        if problems:
+            failures.append(f"{name}: {', '.join(problems)}\n{result.stderr[-1500:]}")
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n\n".join(failures)

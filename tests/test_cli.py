@@ -76,8 +76,11 @@ def test_benchmark_configs_fail_at_once_without_weights(config, tmp_path):
 
 
 def test_benchmark_config_fails_at_once_without_data(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(b"")
+    save_file({"fc.weight": np.zeros((2, 2), np.float32)}, str(weights))  # read after the data
     result = run_py(
         "--config=configs/coco_lt.py",
         f"--workdir={tmp_path / 'wd'}",
