@@ -430,11 +430,13 @@ def _start_backend() -> int:
     except RuntimeError as e:
         platforms = os.environ.get("JAX_PLATFORMS", "")
         setting = f"JAX_PLATFORMS={platforms}" if platforms else "the JAX installation"
+        # JAX's own message names the plug-ins it tried (e.g. 'rocm' for 'gpu'), not the
+        # setting; it is shown with --verbosity=1.
         raise UserError(
-            f"JAX cannot start the platform that {setting} asks for: no such device or no "
-            f"JAX plug-in for it on this machine ({_first_line(e)}). Unset JAX_PLATFORMS (JAX "
-            "then uses the best device it finds), set JAX_PLATFORMS=cpu, or install the "
-            "accelerator's JAX package (e.g. pip install 'jax[cuda12]')"
+            f"{setting}: JAX finds no such platform on this machine (no such device, or no "
+            "JAX plug-in for it). Unset JAX_PLATFORMS (JAX then uses the best device it "
+            "finds), set JAX_PLATFORMS=cpu, or install the accelerator's JAX package (for "
+            "NVIDIA GPUs: pip install 'jax[cuda12]')"
         ) from e
     logging.info("JAX %s on %s: %d device(s).", jax.__version__, backend, count)
     return count

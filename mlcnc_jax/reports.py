@@ -439,8 +439,8 @@ class RunReports:
 
             console.say(
                 f"Scored {subset['images']} of the {subset['of']} test images "
-                f"(eval.max_images): wrote {path}; eval_{step}.json and {SUMMARY} are left as "
-                "they are (they hold the whole split's numbers, or none yet)"
+                f"(eval.max_images): wrote {path}, apart from the run's reports "
+                f"(eval_{step}.json and {SUMMARY} are left as they are)"
             )
             return
         self.summary = write_run_summary(self.workdir, self.total_steps)
