@@ -89,3 +89,31 @@ def test_benchmark_config_fails_at_once_without_data(tmp_path):
     )
     assert result.returncode != 0
     assert str(tmp_path / "coco") in result.stderr
+
+
+def test_which_errors_are_the_users():
+    import errno
+
+    from mlcnc_jax import cli, config_checks
+    from mlcnc_jax.errors import UserError
+    from mlcnc_jax.models import text_classifier
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/a/eval_4.json")
+    assert cli.is_user_error(full)
+    assert cli.describe_user_error(full) == (
+        "/runs/a/eval_4.json: No space left on device (free some space, or choose another "
+        "--workdir; the run resumes from its last checkpoint)"
+    )
+    assert cli.is_user_error(config_checks.InvalidConfigError("x"))
+    assert cli.is_user_error(UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid"))
+    # A ValueError raised while reading the user's text embeddings is about them...
+    try:
+        text_classifier.load_text_embeddings(__file__, 3)
+    except ValueError as e:
+        assert cli.is_user_error(e) and __file__ in str(e)
+    # ...one raised anywhere else is a bug, and keeps its traceback.
+    try:
+        int("not a number")
+    except ValueError as e:
+        assert not cli.is_user_error(e)
+    assert issubclass(UserError, ValueError)
