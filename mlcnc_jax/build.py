@@ -234,6 +234,9 @@ class Experiment:
         if training:
             if jax.process_index() == 0:
                 checkpoint_health.set_aside_after(directory, wanted)
+                from mlcnc_jax import reports  # the abandoned steps' reports go aside too
+
+                reports.set_aside_reports_after(self.workdir, wanted)
             parallel.sync("mlcnc_jax checkpoints set aside")
             self.checkpointer.manager.reload()
         return wanted

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 from absl import logging
 
+from mlcnc_jax.errors import UserError
+
 ITEMS = ("state",)
 # The step's record (model fingerprint, step): orbax's step metadata file; checkpoints of
 # earlier versions kept it in a JSON item 'meta' instead.
@@ -43,7 +45,7 @@ class BrokenCheckpoint:
         return f"step {self.step} at {self.path}: {self.reason}"
 
 
-class BrokenCheckpointError(RuntimeError):
+class BrokenCheckpointError(UserError, RuntimeError):
     """The checkpoint to restore is broken; the message names it and the ways on."""
 
 

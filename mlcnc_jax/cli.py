@@ -12,6 +12,8 @@ optional ':argument' for configs whose get_config takes one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging as std_logging
 import os
@@ -23,6 +25,7 @@ from absl import app, flags, logging
 
 from mlcnc_jax import run_config, storage
 from mlcnc_jax.config_files import resolve_config_argv
+from mlcnc_jax.errors import UserError
 from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 
 MODES = ["train", "eval", "predict", "data_stats", "plan"]
@@ -100,50 +103,134 @@ def configure_logging(verbosity: int) -> None:
         return
     logging.set_verbosity(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow_datasets as tfds
+    with _quiet_stderr():
+        # TensorFlow's C++ start-up lines (oneDNN, "All log messages before
+        # absl::InitializeLog()") are written before any log level applies.
+        import tensorflow  # noqa: F401 - imported here for its start-up lines only
+        import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()  # nested bars per split, between our lines
-    # tfds warns on every load of the built-in data that its config is "custom": noise here.
-    logging.get_absl_handler().addFilter(
-        lambda record: (
-            record.levelno >= std_logging.ERROR or "tensorflow_datasets" not in record.pathname
-        )
-    )
+    logging.get_absl_handler().addFilter(_is_shown)
+
+
+# Warnings that say nothing to a user: tfds warns on every load of the built-in data that
+# its config is "custom"; orbax that a checkpoint of an older layout lacks a metadata file.
+_NOISE = ("Metadata file does not exist",)
+
+
+def _is_shown(record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.ERROR:
+        return True
+    if "tensorflow_datasets" in record.pathname:
+        return False
+    return not any(text in str(record.msg) for text in _NOISE)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Sends what native code writes to the stderr file descriptor to /dev/null meanwhile."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. captured in a notebook)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     configure_logging(FLAGS.verbosity)
+    program = os.path.basename(sys.argv[0])
     try:
         _run_from_flags()
+    except KeyboardInterrupt:
+        # Ctrl-C ends a run as SIGTERM does: the lock is released on the way out, saved
+        # checkpoints are whole (orbax renames a checkpoint into place when it is complete).
+        sys.exit(f"{program}: interrupted: {INTERRUPTED}")
     except Exception as e:
-        if FLAGS.verbosity >= 1 or not isinstance(e, user_errors()):
+        if FLAGS.verbosity >= 1 or not is_user_error(e):
             raise
         # A bad input or a refused action: its message says what to do; no traceback.
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        sys.exit(f"{program}: error: {describe_user_error(e)}")
+
+
+INTERRUPTED = (
+    "the run stopped; the same command resumes it from its last checkpoint "
+    "(nothing saved is half-written)"
+)
+
+# Functions that read what the user gave (weights, text embeddings): a ValueError, TypeError
+# or KeyError raised inside them is about that input, so it counts as a user error even
+# though its type is a built-in one.
+INPUT_READERS = {
+    ("mlcnc_jax.models.text_classifier", "load_text_embeddings"),
+    ("mlcnc_jax.models.pretrained", "load_state_dict"),
+    ("mlcnc_jax.models.pretrained", "load_pretrained_backbone"),
+    ("mlcnc_jax.models.clip", "load_clip_state_dict"),
+    ("mlcnc_jax.models.clip", "load_clip_backbone"),
+    ("mlcnc_jax.build", "load_pretrained"),
+}
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """The errors that a bad input or a refused action raise, each with the fix in its message.
+    """The error types that a bad input or a refused action raise, with the fix in the message.
 
-    The command line prints these as one message and exits with code 1 (with a traceback
-    only at --verbosity=1); any other exception is a bug and keeps its traceback.
+    `errors.UserError` is the project's own type (config, data, splits, saved config,
+    checkpoints, workdir lock, predict inputs derive from it); OSError covers what the
+    machine refuses (a read-only or full disk, a missing file, a workdir that is a file);
+    UnicodeError a text file in another encoding.
     """
-    from mlcnc_jax import checkpoint, checkpoint_health, config_checks, predict, workdir_lock
-    from mlcnc_jax.data import splits
+    from mlcnc_jax import checkpoint
 
     return (
-        FileNotFoundError,
+        UserError,
+        OSError,
+        UnicodeError,
         FloatingPointError,
         checkpoint.CheckpointMismatchError,
-        checkpoint_health.BrokenCheckpointError,
-        config_checks.InvalidConfigError,
-        run_config.ConfigChangedError,
-        workdir_lock.WorkdirLockedError,
-        predict.UnreadableImagesError,
-        splits.SplitFileError,
     )
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether the command line shows `e` as one message (see `user_errors`, `INPUT_READERS`).
+
+    Any other exception is a bug and keeps its traceback.
+    """
+    if isinstance(e, user_errors()):
+        return True
+    if isinstance(e, (ValueError, TypeError, KeyError)):
+        frame = e.__traceback__
+        while frame is not None:
+            code = frame.tb_frame.f_code
+            if (frame.tb_frame.f_globals.get("__name__"), code.co_name) in INPUT_READERS:
+                return True
+            frame = frame.tb_next
+    return False
+
+
+def describe_user_error(e: BaseException) -> str:
+    """The message of a user error, with the file named where the exception only holds it."""
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e.strerror or ""):
+        what = e.strerror or str(e)
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        hint = {
+            errno.EACCES: "check its permissions (or choose another --workdir)",
+            errno.EROFS: "the file system is read-only: choose another --workdir",
+            errno.ENOSPC: "free some space, or choose another --workdir; the run resumes "
+            "from its last checkpoint",
+            errno.EEXIST: "a file is in the way of a folder: move it, or choose another path",
+            errno.ENOTDIR: "a file is in the way of a folder: move it, or choose another path",
+        }.get(e.errno, "")
+        return f"{where}: {what}" + (f" ({hint})" if hint else "")
+    return str(e)
 
 
 def _run_from_flags() -> None:
@@ -232,8 +319,21 @@ def run(
     """
     from mlcnc_jax import parallel
 
+    if not str(workdir).strip():
+        # '' would resolve to the current directory (often the repository itself).
+        raise UserError(
+            "--workdir is empty: name the run's directory, e.g. --workdir=workdir/default"
+        )
     if multihost:
-        parallel.initialize_distributed(coordinator_address, num_processes, process_id)
+        try:
+            parallel.initialize_distributed(coordinator_address, num_processes, process_id)
+        except Exception as e:  # noqa: BLE001 - any failure to start means the same here
+            raise UserError(
+                f"--multihost: multi-host JAX could not start ({_first_line(e)}). Pass "
+                "--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or set "
+                "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) unless the cluster "
+                "is auto-detected (TPU VMs, SLURM); drop --multihost on one machine"
+            ) from e
         import jax
 
         if jax.process_count() > 1:
@@ -253,12 +353,12 @@ def _run(config, workdir, mode, hooks, wrap_batches, resume, overrides):
     from mlcnc_jax import config_checks, workdir_lock
 
     workdir = storage.resolve(workdir)  # bucket URLs (gs://...) stay as they are
-    logging.info(
-        "JAX %s on %s: %d device(s).", jax.__version__, jax.default_backend(), jax.device_count()
-    )
+    num_devices = _start_backend()
     if mode in ("eval", "predict"):
         config = run_config.config_for_eval(workdir, config, overrides)
-    config_checks.validate(config, jax.device_count())  # before any data is read
+    config_checks.validate(config, num_devices)  # before any data is read
+    if mode in ("train", "eval", "predict"):
+        check_model_inputs(config, training=mode == "train")
     if mode == "data_stats":
         from mlcnc_jax.data import sources, stats
 
@@ -283,7 +383,7 @@ def _run(config, workdir, mode, hooks, wrap_batches, resume, overrides):
     from mlcnc_jax import build
 
     if mode not in ("train", "eval"):
-        raise ValueError(f"Unknown mode {mode!r}: use one of {MODES}.")
+        raise UserError(f"Unknown mode {mode!r}: use one of {MODES}.")
     # One run per workdir: a second one stops here, naming the holder.
     with workdir_lock.hold(workdir, process_index=jax.process_index(), force=resume.force_unlock):
         _prepare_data_on_process_0_first(config)
@@ -322,6 +422,72 @@ def _run(config, workdir, mode, hooks, wrap_batches, resume, overrides):
         # Strict JSON: an empty group's mAP is null, never NaN.
         print(json.dumps(reports.to_json(summary), allow_nan=False), flush=True)
     return results
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:300] if text else "") or type(e).__name__
+
+
+def _start_backend() -> int:
+    """Starts JAX's backend; returns the device count. A platform that is not there (e.g.
+    JAX_PLATFORMS=gpu on a machine without one) is a user error naming the setting."""
+    import jax
+
+    try:
+        backend, count = jax.default_backend(), jax.device_count()
+    except RuntimeError as e:
+        platforms = os.environ.get("JAX_PLATFORMS", "")
+        setting = f"JAX_PLATFORMS={platforms}" if platforms else "the JAX installation"
+        # JAX's own message names the plug-ins it tried (e.g. 'rocm' for 'gpu'), not the
+        # setting; it is shown with --verbosity=1.
+        raise UserError(
+            f"{setting}: JAX finds no such platform on this machine (no such device, or no "
+            "JAX plug-in for it). Unset JAX_PLATFORMS (JAX then uses the best device it "
+            "finds), set JAX_PLATFORMS=cpu, or install the accelerator's JAX package (for "
+            "NVIDIA GPUs: pip install 'jax[cuda12]')"
+        ) from e
+    logging.info("JAX %s on %s: %d device(s).", jax.__version__, backend, count)
+    return count
+
+
+def check_model_inputs(config: ml_collections.ConfigDict, training: bool = True) -> None:
+    """Checks what the model is built from before any data is read: the backbone's name, and
+    that a weights file (read when `training` starts) and a text-embeddings file are what
+    they claim to be.
+
+    Raises:
+      UserError: naming the field, the file and the fix.
+    """
+    from mlcnc_jax.models import make_backbone
+
+    try:
+        make_backbone(config.model.backbone)  # a module, no weights: cheap
+    except ValueError as e:
+        raise UserError(f"config.model.backbone: {e}") from None
+    weights = os.path.expanduser(str(config.model.pretrained))
+    if training and weights.endswith(".safetensors") and os.path.isfile(weights):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(weights, framework="numpy") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - any failure to read means the same here
+            raise UserError(
+                f"{weights} (config.model.pretrained) is not a readable .safetensors file "
+                f"({_first_line(e)}): download it again, or train from scratch with "
+                "--config.model.pretrained=none"
+            ) from None
+    text = os.path.expanduser(str(config.model.text_embeddings))
+    if config.model.classifier == "text" and text and os.path.isfile(text):
+        with open(text, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            raise UserError(
+                f"{text} (config.model.text_embeddings) is not a .npy file (it starts with "
+                f"{magic!r}): save the class text embeddings, a float array [K, d], with "
+                "numpy.save"
+            )
 
 
 def _prepare_data_on_process_0_first(config: ml_collections.ConfigDict) -> None:

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import difflib
 import numbers
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
+
+from mlcnc_jax.errors import UserError
 
 # Allowed values of the enumerated string fields (tests/test_config_checks.py checks that they
 # match the modules that use them).
@@ -91,6 +94,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.val_fraction": _real(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "data.image_size": _int_at_least(1),
     "data.resize_size": _int_at_least(1),
+    "data.crop_padding": _int_at_least(0),
     "data.crop_min_area": _real(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     "model.name": _one_of(MODEL_NAMES),
     "model.attention": _one_of(ATTENTIONS),
@@ -187,12 +191,17 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             found.append(f"config.{key} = {value!r}: must be {allowed}")
             bad.add(key)
 
-    def check(keys: Sequence[str], ok: Callable[..., bool], message: str) -> None:
+    def check(
+        keys: Sequence[str],
+        ok: Callable[..., bool],
+        message: str,
+        extra: Callable[..., tuple] | None = None,
+    ) -> None:
         # Relations between fields, checked only when each field alone is valid.
         if all(_has(config, k) for k in keys):
             values = [_get(config, k) for k in keys]
             if not bad.intersection(keys) and not ok(*values):
-                found.append(message.format(*values))
+                found.append(message.format(*values, *(extra(*values) if extra else ())))
 
     check(
         ("data.tail_max", "data.head_min"),
@@ -260,6 +269,29 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         "config.data.train_split_file = {0!r}: only coco_json and csv data take a split file, "
         "not data.name {1!r}",
     )
+    check(
+        ("data.name", "data.image_size"),
+        lambda name, size: name != "synthetic_lt" or size >= 16,
+        "config.data.image_size = {1!r}: the built-in synthetic_lt data is drawn at 16 pixels "
+        "or more; use image_size >= 16",
+    )
+    check(
+        ("model.name", "loss.warmup_epochs", "train.num_epochs"),
+        lambda name, warmup, epochs: name != "mlcnc" or warmup < epochs,
+        "config.loss.warmup_epochs = {1!r} and config.train.num_epochs = {2!r}: the FLA "
+        "warm-up would fill the whole run (no step would train the full objective); use "
+        "loss.warmup_epochs < train.num_epochs (0: no warm-up)",
+    )
+    memory = _host_memory_bytes()
+    for key in ("train.batch_size", "eval.batch_size"):
+        check(
+            (key, "data.image_size"),
+            lambda batch, size: memory is None or batch_bytes(batch, size) <= memory,
+            f"config.{key} = {{0!r}}: one batch of {{1}} px images alone needs "
+            f"{{2:.1f}} GB as float32, more than this machine's {(memory or 0) / 1e9:.1f} GB of "
+            "memory; use a smaller batch",
+            extra=lambda batch, size: (batch_bytes(batch, size) / 1e9,),
+        )
     if num_devices is not None:
         for key in ("train.batch_size", "eval.batch_size"):
             check(
@@ -277,7 +309,20 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     return found
 
 
-class InvalidConfigError(ValueError):
+def batch_bytes(batch_size: int, image_size: int) -> int:
+    """The bytes of one batch of float32 [batch, size, size, 3] images: a floor of its memory."""
+    return int(batch_size) * int(image_size) ** 2 * 3 * 4
+
+
+def _host_memory_bytes() -> int | None:
+    # The machine's physical memory (None where the OS does not say).
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+class InvalidConfigError(UserError):
     """Config values out of their allowed ranges (every one named in the message)."""
 
 

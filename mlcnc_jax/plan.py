@@ -15,6 +15,8 @@ import math
 import ml_collections
 import numpy as np
 
+from mlcnc_jax.errors import UserError
+
 
 def make_plan(config: ml_collections.ConfigDict, train_labels: np.ndarray, num_test: int) -> dict:
     """The budget of a run of `config`.
@@ -49,7 +51,7 @@ def make_plan(config: ml_collections.ConfigDict, train_labels: np.ndarray, num_t
     train_rate = float(config.plan.train_images_per_second)
     eval_rate = float(config.plan.eval_images_per_second)
     if train_rate <= 0 or eval_rate <= 0:
-        raise ValueError(
+        raise UserError(
             "config.plan.train_images_per_second and eval_images_per_second must be > 0."
         )
     train_hours = images_seen / train_rate / 3600.0

@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from mlcnc_jax import checkpoint, storage
+from mlcnc_jax.errors import UserError
 from mlcnc_jax.models import create_model
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -40,22 +41,40 @@ def list_inputs(inputs: str) -> list[str]:
                 f"No such image file or folder: {item} (from --config.predict.inputs)."
             )
     if not paths:
-        raise ValueError("Nothing to predict: set --config.predict.inputs=IMAGE_OR_FOLDER[,...].")
+        raise UserError("Nothing to predict: set --config.predict.inputs=IMAGE_OR_FOLDER[,...].")
     return paths
 
 
-class UnreadableImagesError(RuntimeError):
+class UnreadableImagesError(UserError, RuntimeError):
     """Some inputs could not be read; the predictions of the others were written."""
+
+
+def _free_output_names(workdir: str) -> tuple[str, str]:
+    """`predictions.json` and `attention/`, or the first free `predictions_<n>.json` and
+    `attention_<n>/`: each predict keeps what earlier ones wrote."""
+    from etils import epath
+
+    n = 1
+    while True:
+        tail = "" if n == 1 else f"_{n}"
+        json_path = storage.join(workdir, f"predictions{tail}.json")
+        attention_dir = storage.join(workdir, f"attention{tail}")
+        if not epath.Path(json_path).exists() and not epath.Path(attention_dir).exists():
+            return json_path, attention_dir
+        n += 1
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes `<workdir>/predictions.json` (and attention maps when configured).
 
     Uses the latest checkpoint of `workdir` (raw weights) and the class names
-    stored with it, so the dataset itself is not needed. Attention maps are named
-    so that no two inputs share one (`one.png` and `one.jpg` give `one_png.png`
-    and `one_jpg.png`). An image that cannot be read is skipped and listed under
-    'failed' in the JSON.
+    stored with it, so the dataset itself is not needed. The images go through the model
+    in batches of up to `config.eval.batch_size` (the last one padded, so that the model
+    compiles once). Attention maps are named so that no two inputs share one (`one.png`
+    and `one.jpg` give `one_png.png` and `one_jpg.png`). An image that cannot be read is
+    skipped and listed under 'failed' in the JSON. Earlier results are kept: when
+    `predictions.json` (or `attention/`) exists, this run writes `predictions_2.json` and
+    `attention_2/` (and so on).
 
     Returns:
       The path of the JSON file.
@@ -64,11 +83,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
       UnreadableImagesError: after writing the JSON, when any input could not be read
         (naming each).
     """
-    from mlcnc_jax import output_naming
+    from mlcnc_jax import console, output_naming
     from mlcnc_jax.data import pipeline
 
     workdir = storage.resolve(workdir)
     paths = list_inputs(config.predict.inputs)
+    if config.predict.attention_maps and config.model.name != "mlcnc":
+        raise UserError("Attention maps need the MLC-NC model (config.model.name='mlcnc').")
     meta = checkpoint.Checkpointer(workdir, {}).read_meta()
     class_names = meta["model"]["class_names"]
     num_classes = len(class_names)
@@ -87,40 +108,46 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
             result["attention"] = out["attention"]
         return result
 
-    predictions, failed = [], []
-    attention_dir = storage.join(workdir, "attention")
-    map_names = output_naming.output_names(paths) if config.predict.attention_maps else {}
-    if config.predict.attention_maps and config.model.name != "mlcnc":
-        raise ValueError("Attention maps need the MLC-NC model (config.model.name='mlcnc').")
+    read, failed = [], []
     for path in paths:
         try:
             with open(path, "rb") as f:
                 encoded = f.read()
-            image = pipeline.preprocess_for_eval(encoded, config)
+            read.append((path, pipeline.preprocess_for_eval(encoded, config)))
         except Exception as e:  # noqa: BLE001 - any read or decode error means the same here
             reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             logging.warning("Skipping %s: cannot read it as an image (%s)", path, reason)
             failed.append({"image": path, "error": f"{type(e).__name__}: {reason}"})
-            continue
-        out = jax.device_get(forward(image[None]))
-        scores = out["scores"][0]
-        order = np.argsort(-scores)
-        chosen = [int(i) for i in order if scores[i] >= config.predict.threshold]
-        entry = {
-            "image": path,
-            "classes": [{"name": class_names[i], "score": float(scores[i])} for i in chosen],
-            "scores": {class_names[i]: float(scores[i]) for i in range(num_classes)},
-        }
-        if config.predict.attention_maps:
-            shown = chosen or [int(order[0])]
-            storage.makedirs(attention_dir)
-            out_path = storage.join(attention_dir, map_names[path])
-            save_attention_map(
-                out_path, image, out["attention"][0], shown, class_names, scores, config
-            )
-            entry["attention_map"] = out_path
-        predictions.append(entry)
-    out_path = storage.join(workdir, "predictions.json")
+
+    out_path, attention_dir = _free_output_names(workdir)
+    map_names = output_naming.output_names(paths) if config.predict.attention_maps else {}
+    predictions = []
+    # One compiled call per batch of a fixed size (the last batch padded with zeros).
+    batch_size = max(1, min(int(config.eval.batch_size), len(read)))
+    for first in range(0, len(read), batch_size):
+        chunk = read[first : first + batch_size]
+        images = np.stack([image for _, image in chunk])
+        padded = np.zeros((batch_size, *images.shape[1:]), images.dtype)
+        padded[: len(chunk)] = images
+        out = jax.device_get(forward(padded))
+        for row, (path, image) in enumerate(chunk):
+            scores = out["scores"][row]
+            order = np.argsort(-scores)
+            chosen = [int(i) for i in order if scores[i] >= config.predict.threshold]
+            entry = {
+                "image": path,
+                "classes": [{"name": class_names[i], "score": float(scores[i])} for i in chosen],
+                "scores": {class_names[i]: float(scores[i]) for i in range(num_classes)},
+            }
+            if config.predict.attention_maps:
+                shown = chosen or [int(order[0])]
+                storage.makedirs(attention_dir)
+                map_path = storage.join(attention_dir, map_names[path])
+                save_attention_map(
+                    map_path, image, out["attention"][row], shown, class_names, scores, config
+                )
+                entry["attention_map"] = map_path
+            predictions.append(entry)
     storage.write_text(
         out_path,
         json.dumps(
@@ -133,7 +160,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
             indent=1,
         ),
     )
-    logging.info("Wrote predictions for %d image(s) to %s", len(predictions), out_path)
+    console.say(describe_predictions(predictions, config.predict.threshold, meta["step"]))
+    console.say(f"Predictions written to {out_path}")
+    if config.predict.attention_maps and predictions:
+        console.say(f"Attention maps in {attention_dir}")
     if failed:
         raise UnreadableImagesError(
             f"{len(failed)} of {len(paths)} image(s) could not be read and were skipped "
@@ -141,6 +171,43 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
             + "\n".join(f"  {f['image']}: {f['error']}" for f in failed)
         )
     return out_path
+
+
+def describe_predictions(
+    predictions: list[dict], threshold: float, step: int, shown: int = 5, top: int = 3
+) -> str:
+    """What a person sees of a predict run: the count, then the top classes of the first few.
+
+    Args:
+      predictions: the 'predictions' entries of the JSON.
+      threshold: the score a class needs to be listed.
+      step: the checkpoint's step.
+      shown: how many images are listed.
+      top: how many classes per image.
+
+    Returns:
+      Lines such as 'a.jpg: cat 0.91, dog 0.62' (classes at or above the threshold, else
+      the best one in brackets).
+    """
+    import os
+
+    lines = [
+        f"Predicted {len(predictions)} image(s) with the checkpoint of step {step} "
+        f"(classes scoring >= {threshold:g}):"
+    ]
+    for entry in predictions[:shown]:
+        listed = entry["classes"][:top]
+        if listed:
+            text = ", ".join(f"{c['name']} {c['score']:.2f}" for c in listed)
+            if len(entry["classes"]) > top:
+                text += f" (+{len(entry['classes']) - top} more)"
+        else:
+            best = max(entry["scores"], key=entry["scores"].get)
+            text = f"none (best: {best} {entry['scores'][best]:.2f})"
+        lines.append(f"  {os.path.basename(entry['image'])}: {text}")
+    if len(predictions) > shown:
+        lines.append(f"  ... and {len(predictions) - shown} more")
+    return "\n".join(lines)
 
 
 def save_attention_map(

@@ -40,8 +40,22 @@ def write_eval_report(
     class_freq: np.ndarray,
     class_split: dict[str, Sequence[int]],
     dataset: str,
+    subset: dict | None = None,
+    suffix: str = "",
 ) -> str:
-    """Writes `eval_<step>.json` and `ap_vs_freq_<step>.png`; returns the JSON path."""
+    """Writes `eval_<step><suffix>.json` and `ap_vs_freq_<step><suffix>.png`; returns the JSON path.
+
+    Args:
+      workdir: the run's directory.
+      results: the evaluation's results (see `evaluation.Evaluator`).
+      class_names: [K] class names.
+      class_freq: [K] training images per class.
+      class_split: the head/medium/tail class indices.
+      dataset: the dataset's name.
+      subset: {'images': scored, 'of': the split's size} when only part of the test split
+        was scored (eval.max_images); recorded in the report. None: the whole split.
+      suffix: added to the file names (e.g. '_subset_50', see `subset_suffix`).
+    """
     step = results["step"]
     groups = group_of(class_split, len(class_names))
     per_class = [
@@ -60,6 +74,7 @@ def write_eval_report(
         "dataset": dataset,
         "num_images_scored": results["num_images_scored"],
         "num_images_expected": results["num_images_expected"],
+        "test_subset": subset,
         "map_raw": results["raw"]["map"],
         "map_ema": results["ema"]["map"],
         "neural_collapse_raw": results["raw"]["neural_collapse"],
@@ -67,10 +82,10 @@ def write_eval_report(
         "class_split": class_split,
         "per_class": per_class,
     }
-    path = storage.join(workdir, f"eval_{step}.json")
+    path = storage.join(workdir, f"eval_{step}{suffix}.json")
     storage.write_text(path, json.dumps(to_json(report), indent=1, allow_nan=False))
     plot_ap_vs_frequency(
-        storage.join(workdir, f"ap_vs_freq_{step}.png"),
+        storage.join(workdir, f"ap_vs_freq_{step}{suffix}.png"),
         np.asarray(results["raw"]["ap"]),
         class_freq,
         groups,
@@ -183,11 +198,89 @@ def summarize_evaluations(reports: Sequence[dict], total_steps: int | None = Non
     return summary
 
 
-def has_eval_report(workdir: str, step: int) -> bool:
-    """Whether `eval_<step>.json` exists in the workdir."""
+def subset_suffix(subset: dict) -> str:
+    """The file-name suffix of a report that scored only part of the test split."""
+    return f"_subset_{subset['images']}"
+
+
+def read_eval_report(workdir: str, step: int) -> dict | None:
+    """`eval_<step>.json` of the workdir, or None when it is missing, empty or unreadable.
+
+    A report cut short (a full disk, a kill during a write of an older version) counts as
+    missing, so that a resumed run evaluates that step again instead of trusting it.
+    """
+    from absl import logging
     from etils import epath
 
-    return epath.Path(storage.join(workdir, f"eval_{step}.json")).exists()
+    path = epath.Path(storage.join(workdir, f"eval_{step}.json"))
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        logging.warning("%s is unreadable (%s): it counts as missing", path, e)
+        return None
+    if not isinstance(report, dict) or report.get("step") != step:
+        logging.warning(
+            "%s is not an evaluation report of step %d: it counts as missing", path, step
+        )
+        return None
+    return report
+
+
+def has_eval_report(workdir: str, step: int) -> bool:
+    """Whether the workdir holds a readable `eval_<step>.json`."""
+    return read_eval_report(workdir, step) is not None
+
+
+def set_aside_reports_after(workdir: str, step: int, suffix: str = ".set_aside") -> list[str]:
+    """Renames the reports of steps after `step` so that a run resumed from `step` adds its own.
+
+    The companion of `checkpoint_health.set_aside_after` for `--restore_step`: the abandoned
+    branch's `eval_<s>.json` and `ap_vs_freq_<s>.png` (and their subset variants) become
+    `eval_<s>.set_aside.json` and so on (`.set_aside2`, ... when that name is taken); nothing
+    is deleted. SUMMARY is then rewritten from the reports that remain (removed when none
+    remains, as it would only describe the abandoned branch).
+
+    Args:
+      workdir: the run's directory (local path or bucket URL).
+      step: the step the run resumes from.
+      suffix: inserted before the extension.
+
+    Returns:
+      The new paths.
+    """
+    import re
+
+    from absl import logging
+    from etils import epath
+
+    pattern = re.compile(r"^(eval|ap_vs_freq)_(\d+)((?:_subset_\d+)?)\.(json|png)$")
+    moved = []
+    for path in sorted(epath.Path(workdir).iterdir()) if epath.Path(workdir).is_dir() else []:
+        match = pattern.match(path.name)
+        if not match or int(match.group(2)) <= step:
+            continue
+        stem = f"{match.group(1)}_{match.group(2)}{match.group(3)}"
+        target, n = path.parent / f"{stem}{suffix}.{match.group(4)}", 1
+        while target.exists():
+            n += 1
+            target = path.parent / f"{stem}{suffix}{n}.{match.group(4)}"
+        path.rename(target)
+        logging.warning("set aside %s (after step %d) as %s", path.name, step, target.name)
+        moved.append(str(target))
+    if moved:
+        remaining = read_eval_reports(workdir)
+        summary = epath.Path(storage.join(workdir, SUMMARY))
+        if remaining:
+            write_run_summary(workdir)
+        elif summary.exists():
+            target, n = summary.parent / f"summary{suffix}.json", 1
+            while target.exists():
+                n += 1
+                target = summary.parent / f"summary{suffix}{n}.json"
+            summary.rename(target)
+    return moved
 
 
 def read_eval_reports(workdir: str) -> list[dict]:
@@ -207,11 +300,16 @@ def read_eval_reports(workdir: str) -> list[dict]:
 
 
 def read_summary(workdir: str) -> dict | None:
-    """The workdir's SUMMARY, or None when there is none."""
+    """The workdir's SUMMARY, or None when there is none (or it is unreadable)."""
     from etils import epath
 
     path = epath.Path(storage.join(workdir, SUMMARY))
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_run_summary(workdir: str, total_steps: int | None = None) -> dict:
@@ -275,10 +373,14 @@ class RunReports:
         self.pending: list[dict] = []
         self.total_steps = total_steps
         self.summary: dict | None = None
+        # Set by on_start, which only a training run calls: an evaluation without it is a
+        # standalone one (--mode=eval).
+        self.training = False
 
     def on_start(self, state, start_step: int) -> None:
         from clu import parameter_overview
 
+        self.training = True
         storage.write_text(
             storage.join(self.workdir, PARAMETER_TABLE),
             parameter_overview.get_parameter_overview(state.params) + "\n",
@@ -306,16 +408,41 @@ class RunReports:
             scalars.update(
                 {f"eval/{name}_{k}": v for k, v in results[name]["neural_collapse"].items()}
             )
-        self.writer.write_scalars(step, scalars)
-        self.writer.flush()
-        write_eval_report(
+        full_size = getattr(self.dataset, "full_test_size", None)
+        subset = None if full_size is None else {"images": len(self.dataset.test), "of": full_size}
+        # A quick look at part of the test split (eval.max_images) never replaces a report of
+        # the whole split (or of another subset), nor the run's summary: it is written under
+        # its own name unless it repeats the step's report, or is a training run's own
+        # evaluation of a step not yet reported.
+        apart = False
+        if subset is not None:
+            existing = read_eval_report(self.workdir, step)
+            if existing is None:
+                apart = not self.training
+            else:
+                apart = to_json(existing.get("test_subset")) != to_json(subset)
+        if not apart:
+            self.writer.write_scalars(step, scalars)
+            self.writer.flush()
+        path = write_eval_report(
             self.workdir,
             results,
             class_names=self.dataset.class_names,
             class_freq=self.dataset.class_freq,
             class_split=self.dataset.class_split,
             dataset=self.dataset.name,
+            subset=subset,
+            suffix=subset_suffix(subset) if apart else "",
         )
+        if apart:
+            from mlcnc_jax import console
+
+            console.say(
+                f"Scored {subset['images']} of the {subset['of']} test images "
+                f"(eval.max_images): wrote {path}, apart from the run's reports "
+                f"(eval_{step}.json and {SUMMARY} are left as they are)"
+            )
+            return
         self.summary = write_run_summary(self.workdir, self.total_steps)
 
     def on_end(self, step: int) -> None:

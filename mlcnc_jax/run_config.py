@@ -27,6 +27,7 @@ from absl import logging
 from etils import epath
 
 from mlcnc_jax import storage
+from mlcnc_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -88,7 +89,7 @@ class ResumeOptions:
 DEFAULT_RESUME = ResumeOptions()
 
 
-class ConfigChangedError(ValueError):
+class ConfigChangedError(UserError):
     """A resume with a config that differs from the saved one in fields that change numbers."""
 
 
@@ -142,13 +143,8 @@ def save_config(workdir: str, config: ml_collections.ConfigDict, process_index: 
     path = storage.join(workdir, CONFIG_FILE)
     if process_index == 0:
         storage.makedirs(workdir)
-        text = json.dumps(_record(config), indent=2, sort_keys=True) + "\n"
-        if storage.is_url(path):
-            storage.write_text(path, text)
-        else:  # write then rename: a run killed meanwhile leaves the old file whole
-            with open(path + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(path + ".tmp", path)
+        # Atomic: a run killed meanwhile (or a full disk) leaves the old file whole.
+        storage.write_text(path, json.dumps(_record(config), indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -160,12 +156,12 @@ def load_saved(workdir: str) -> dict | None:
     try:
         record = json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(
+        raise UserError(
             f"{path} is not valid JSON ({e}): restore it, or delete it to resume without the "
             "config check"
         ) from e
     if "config" not in record:
-        raise ValueError(f"{path} lacks the 'config' entry: it was not written by save_config")
+        raise UserError(f"{path} lacks the 'config' entry: it was not written by save_config")
     return record
 
 
@@ -214,7 +210,7 @@ def _check_allow(allow: Sequence[str], current: ml_collections.ConfigDict) -> No
             continue
         if field not in keys:
             hint = config_checks.suggest_key(field, current)
-            raise ValueError(
+            raise UserError(
                 f"{ALLOW_FLAG}: {field!r} is not a config field"
                 + (f"; did you mean {hint!r}?" if hint else "")
             )
@@ -285,9 +281,10 @@ def check_resume(
             "step": step,
             "changes": {k: {"saved": a, "now": b} for k, a, b in allowed},
         }
-        path = epath.Path(storage.join(workdir, CHANGES_FILE))
-        previous = path.read_text() if path.exists() else ""
-        path.write_text(previous + json.dumps(entry, sort_keys=True) + "\n")
+        # Appended atomically: a write error leaves the earlier history whole.
+        storage.append_text(
+            storage.join(workdir, CHANGES_FILE), json.dumps(entry, sort_keys=True) + "\n"
+        )
         save_config(workdir, config, process_index)
         logging.warning("resuming with allowed config changes:\n%s", _describe(allowed))
     return allowed
@@ -382,7 +379,7 @@ def config_for_eval(
         elif new[key] != old.get(key):
             contradictions.append((key, old.get(key), new[key]))
     if contradictions:
-        raise ValueError(
+        raise UserError(
             f"{len(contradictions)} command-line override(s) contradict the config "
             f"{workdir} was trained with ({storage.join(workdir, CONFIG_FILE)}):\n"
             + "\n".join(f"  --config.{k}={b!r}, trained with {a!r}" for k, a, b in contradictions)

@@ -32,6 +32,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,13 +40,14 @@ from collections.abc import Iterator
 from absl import logging
 
 from mlcnc_jax import storage
+from mlcnc_jax.errors import UserError
 
 # A lock of another host older than this is taken to be left by a run that died (a run
 # that really goes on longer needs force=True from its successor, or to be left alone).
 FOREIGN_STALE_AFTER_S = 7 * 24 * 3600
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(UserError, RuntimeError):
     """Another live run holds the workdir."""
 
 
@@ -190,12 +192,54 @@ def release_all() -> None:
 atexit.register(release_all)
 
 
+STOPPED = "the same command resumes the run from its last checkpoint"
+# Modules whose work a stop waits for: a checkpoint being written, restored or rotated out
+# is left whole (orbax deletes an old checkpoint file by file).
+_FINISH_FIRST = ("orbax.", "mlcnc_jax.checkpoint")
+
+
+def _in_checkpoint_io(frame) -> bool:
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name.startswith(_FINISH_FIRST):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _stop(signum: int, frame) -> None:
+    """SIGTERM and SIGINT (Ctrl-C): a short message and SystemExit, once checkpoint I/O is done.
+
+    SystemExit runs the `finally` blocks and atexit hooks (the lock is released); raised in
+    the middle of a checkpoint save or rotation it could leave a half-written or
+    half-deleted checkpoint, so the stop is then retried every 0.2 s until the main thread
+    is out of it.
+    """
+    if _in_checkpoint_io(frame):
+        threading.Timer(0.2, os.kill, (os.getpid(), signum)).start()
+        return
+    name = signal.Signals(signum).name
+    print(f"{os.path.basename(sys.argv[0])}: stopped by {name}: {STOPPED}", file=sys.stderr)
+    sys.stderr.flush()
+    sys.exit(128 + signum)
+
+
 def _release_on_sigterm() -> None:
     # SIGTERM (a scheduler's stop, `kill PID`) ends Python without atexit hooks unless it
-    # raises; turn it into SystemExit where no one else handles it.
+    # raises; turn it into SystemExit where no one else handles it. Ctrl-C (SIGINT) ends the
+    # same way instead of with a KeyboardInterrupt traceback from wherever it landed.
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+            signal.signal(signal.SIGTERM, _stop)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _stop)
+
+
+def _restore_sigint() -> None:
+    # Ctrl-C is Python's own again once no workdir is held (e.g. in a notebook or a test).
+    with contextlib.suppress(ValueError):
+        if not _HELD and signal.getsignal(signal.SIGINT) is _stop:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def acquire(
@@ -215,7 +259,8 @@ def acquire(
       foreign_stale_after_s: a lock of another host older than this is taken over.
 
     Returns:
-      The held lock; it is released by `release()`, at interpreter exit or on SIGTERM.
+      The held lock; it is released by `release()`, at interpreter exit or on SIGTERM or
+      SIGINT (both end the run with a short message, after any checkpoint I/O under way).
 
     Raises:
       WorkdirLockedError: another run holds the workdir; the message names it and the fix.
@@ -286,3 +331,4 @@ def hold(
         lock.release()
         with contextlib.suppress(ValueError):
             _HELD.remove(lock)
+        _restore_sigint()

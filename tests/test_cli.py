@@ -11,8 +11,14 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_py(*args, timeout=900):  # generous: a shared, loaded CPU is slow to generate the data
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+def run_py(*args, timeout=900, env=None):  # generous: a loaded CPU is slow to make the data
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "",
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=ROOT,
@@ -70,8 +76,11 @@ def test_benchmark_configs_fail_at_once_without_weights(config, tmp_path):
 
 
 def test_benchmark_config_fails_at_once_without_data(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(b"")
+    save_file({"fc.weight": np.zeros((2, 2), np.float32)}, str(weights))  # read after the data
     result = run_py(
         "--config=configs/coco_lt.py",
         f"--workdir={tmp_path / 'wd'}",
@@ -80,3 +89,31 @@ def test_benchmark_config_fails_at_once_without_data(tmp_path):
     )
     assert result.returncode != 0
     assert str(tmp_path / "coco") in result.stderr
+
+
+def test_which_errors_are_the_users():
+    import errno
+
+    from mlcnc_jax import cli, config_checks
+    from mlcnc_jax.errors import UserError
+    from mlcnc_jax.models import text_classifier
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/a/eval_4.json")
+    assert cli.is_user_error(full)
+    assert cli.describe_user_error(full) == (
+        "/runs/a/eval_4.json: No space left on device (free some space, or choose another "
+        "--workdir; the run resumes from its last checkpoint)"
+    )
+    assert cli.is_user_error(config_checks.InvalidConfigError("x"))
+    assert cli.is_user_error(UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid"))
+    # A ValueError raised while reading the user's text embeddings is about them...
+    try:
+        text_classifier.load_text_embeddings(__file__, 3)
+    except ValueError as e:
+        assert cli.is_user_error(e) and __file__ in str(e)
+    # ...one raised anywhere else is a bug, and keeps its traceback.
+    try:
+        int("not a number")
+    except ValueError as e:
+        assert not cli.is_user_error(e)
+    assert issubclass(UserError, ValueError)

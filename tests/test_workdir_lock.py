@@ -133,6 +133,41 @@ def test_sigterm_releases_the_lock(tmp_path):
         first.kill()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_with_one_line_and_releases_the_lock(tmp_path, signum):
+    first = _start(tmp_path)
+    try:
+        assert first.stdout.readline().strip() == "HELD"
+        first.send_signal(signum)
+        out, _ = first.communicate(timeout=30)
+        assert first.returncode == 128 + signum
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out
+        assert out.strip() == (
+            f"-c: stopped by {signal.Signals(signum).name}: {workdir_lock.STOPPED}"
+        )
+        assert not os.path.exists(tmp_path / "run.lock")
+    finally:
+        first.kill()
+
+
+def test_a_stop_waits_for_checkpoint_io_to_finish(tmp_path, monkeypatch):
+    # Raised inside orbax (here: a frame of a module named like it), the stop is put off.
+    retries = []
+    monkeypatch.setattr(workdir_lock.threading, "Timer", lambda *a: retries.append(a) or _NoTimer())
+    namespace = {"__name__": "orbax.checkpoint.fake"}
+    exec("def write(stop):\n    import sys\n    stop(sys._getframe())", namespace)
+    namespace["write"](lambda frame: workdir_lock._stop(signal.SIGTERM, frame))
+    assert len(retries) == 1 and retries[0][2][1] == signal.SIGTERM
+    with pytest.raises(SystemExit) as stopped:
+        workdir_lock._stop(signal.SIGTERM, sys._getframe())
+    assert stopped.value.code == 128 + signal.SIGTERM
+
+
+class _NoTimer:
+    def start(self):
+        pass
+
+
 def test_two_processes_started_together_one_wins(tmp_path):
     runs = [_start(tmp_path, 5.0) for _ in range(2)]
     outs = [r.communicate(timeout=60)[0] for r in runs]

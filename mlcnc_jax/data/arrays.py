@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from mlcnc_jax.data import sampling
+from mlcnc_jax.errors import UserError
 
 
 def _normalise(
@@ -63,7 +64,7 @@ def train_batches(
       {'image': float32 [b, H, W, 3], 'labels': float32 [b, K]}, b = G / process_count.
     """
     if global_batch % process_count:
-        raise ValueError(
+        raise UserError(
             f"global batch size {global_batch} is not divisible by the number of processes "
             f"{process_count}; choose a multiple of {process_count}"
         )

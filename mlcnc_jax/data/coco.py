@@ -17,6 +17,7 @@ from absl import logging
 
 from mlcnc_jax.data import splits
 from mlcnc_jax.data.dataset import HEAD_MIN, TAIL_MAX, MultiLabelDataset, Split, class_groups
+from mlcnc_jax.errors import UserError
 
 TRAIN_ANNOTATIONS = os.path.join("annotations", "instances_train2017.json")
 TEST_ANNOTATIONS = os.path.join("annotations", "instances_val2017.json")
@@ -73,22 +74,35 @@ def read_coco_annotations(path: str) -> CocoAnnotations:
         with open(path) as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from e
+        raise UserError(f"{path} is not valid JSON ({e})") from e
     missing = [k for k in ("images", "annotations", "categories") if k not in d]
     if missing:
-        raise ValueError(f"{path} is not a COCO-format annotation file: no {missing} field")
+        raise UserError(f"{path} is not a COCO-format annotation file: no {missing} field")
     cats = sorted(d["categories"], key=lambda c: int(c["id"]))
     category_ids = [int(c["id"]) for c in cats]
     index = {cid: i for i, cid in enumerate(category_ids)}
     image_ids = [int(im["id"]) for im in d["images"]]
+    # A repeated id would merge two images' labels into one scored twice (and drop the
+    # other); a repeated file name would score one image under two ids.
+    for what, values in (
+        ("image id", image_ids),
+        ("file_name", [im["file_name"] for im in d["images"]]),
+    ):
+        repeated = _repeated(values)
+        if repeated:
+            raise UserError(
+                f"{path}: {len(repeated)} {what}(s) appear more than once in `images` (first: "
+                f"{', '.join(map(repr, repeated[:5]))}): give every image its own id and file; "
+                "remove the duplicates"
+            )
     file_names = {int(im["id"]): im["file_name"] for im in d["images"]}
     classes: dict[int, set[int]] = {i: set() for i in image_ids}
     for ann in d["annotations"]:
         image_id, cat = int(ann["image_id"]), int(ann["category_id"])
         if image_id not in classes:
-            raise ValueError(f"{path}: an annotation names image id {image_id}, not in `images`")
+            raise UserError(f"{path}: an annotation names image id {image_id}, not in `images`")
         if cat not in index:
-            raise ValueError(f"{path}: an annotation names category id {cat}, not in `categories`")
+            raise UserError(f"{path}: an annotation names category id {cat}, not in `categories`")
         classes[image_id].add(index[cat])
     return CocoAnnotations(
         path=path,
@@ -100,11 +114,21 @@ def read_coco_annotations(path: str) -> CocoAnnotations:
     )
 
 
+def _repeated(values: Sequence) -> list:
+    """The values that occur more than once, in order of their first repeat."""
+    seen, repeated = set(), []
+    for value in values:
+        if value in seen and value not in repeated:
+            repeated.append(value)
+        seen.add(value)
+    return repeated
+
+
 def check_ids_present(ids: Sequence, known, what: str, where: str, fix: str) -> None:
     """Raises a ValueError naming the ids of `ids` that are not in `known`."""
     absent = [i for i in ids if i not in known]
     if absent:
-        raise ValueError(
+        raise UserError(
             f"{len(absent)} image ids of the {what} are not in {where} (first: "
             f"{', '.join(map(str, absent[:5]))}): {fix}"
         )
@@ -183,9 +207,7 @@ def load_coco_lt(
     if image_source == "tfds":
         return _load_coco_lt_tfds(split, test_all, tfds_data_dir, head_min, tail_max)
     if image_source != "files":
-        raise ValueError(
-            f"config.data.image_source must be 'files' or 'tfds', got {image_source!r}"
-        )
+        raise UserError(f"config.data.image_source must be 'files' or 'tfds', got {image_source!r}")
     root = _require_dir(root, "COCO directory", _ROOT_FIX)
     train_ann = read_coco_annotations(
         _require_file(os.path.join(root, TRAIN_ANNOTATIONS), "COCO annotation file", _ROOT_FIX)
@@ -195,7 +217,7 @@ def load_coco_lt(
     )
     k = split.labels.shape[1]
     if len(train_ann.class_names) != k:
-        raise ValueError(
+        raise UserError(
             f"{train_ann.path} has {len(train_ann.class_names)} categories but COCO-LT has {k}: "
             "use the COCO 2017 instances annotations"
         )

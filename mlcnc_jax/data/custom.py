@@ -14,6 +14,7 @@ Head/medium/tail groups come from the training counts.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
@@ -22,6 +23,7 @@ from absl import logging
 
 from mlcnc_jax.data.coco import read_coco_annotations
 from mlcnc_jax.data.dataset import HEAD_MIN, TAIL_MAX, MultiLabelDataset, Split, class_groups
+from mlcnc_jax.errors import UserError
 
 _HEADER_WORDS = {"image", "images", "path", "file", "filename", "file_name", "image_path"}
 
@@ -30,7 +32,7 @@ def _require_no_empty_classes(class_names: list[str], freq: np.ndarray, source: 
     # A class without training images cannot be learned nor drawn by the class-aware sampler.
     empty = [name for name, n in zip(class_names, freq, strict=True) if n == 0]
     if empty:
-        raise ValueError(
+        raise UserError(
             f"classes {empty} have no training images in {source}: add training images of "
             "them or remove them from the class list"
         )
@@ -64,7 +66,7 @@ def load_coco_json(
         (test_annotations, "test_annotations"),
     ):
         if not path:
-            raise ValueError(f"config.data.{key} is empty: set it to a COCO-format JSON file")
+            raise UserError(f"config.data.{key} is empty: set it to a COCO-format JSON file")
         if not os.path.isfile(os.path.expanduser(path)):
             raise FileNotFoundError(
                 f"annotation file {path} not found: set --config.data.{key} to an existing file"
@@ -73,10 +75,10 @@ def load_coco_json(
     test_ann = read_coco_annotations(test_annotations)
     names = train_ann.class_names
     if len(set(names)) != len(names):
-        raise ValueError(f"{train_ann.path}: category names are not unique")
+        raise UserError(f"{train_ann.path}: category names are not unique")
     unknown = sorted(set(test_ann.class_names) - set(names))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{test_ann.path} has categories {unknown} that {train_ann.path} lacks: both files "
             "must declare the same categories"
         )
@@ -152,39 +154,72 @@ def read_csv(
 
     Raises:
       FileNotFoundError: the file does not exist.
-      ValueError: a row has more than two fields (unless the separator is ",").
+      UserError: a row has more than two fields (unless the separator is ","), an image is
+        listed twice with different labels, or the file is not UTF-8 (exact repeats of a
+        row are dropped with one warning).
     """
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CSV file {path} not found")
     if not label_separator:
-        raise ValueError("config.data.label_separator is empty: use ' ' (the default), ';' or '|'")
+        raise UserError("config.data.label_separator is empty: use ' ' (the default), ';' or '|'")
     base = os.path.expanduser(image_dir) if image_dir else os.path.dirname(os.path.abspath(path))
     images, classes = [], []
     suspect: dict[str, int] = {}
+    first_line: dict[str, tuple[int, int]] = {}  # image path -> (its first line, its row)
+    exact_repeats: list[int] = []
     # utf-8-sig drops a byte order mark, which would otherwise hide the header row.
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if line_no == 1 and row[0].strip().lower() in _HEADER_WORDS:
-                continue
-            if label_separator == ",":
-                names = [n for field in row[1:] for n in split_labels(field, ",")]
-            elif len(row) > 2:
-                raise ValueError(
-                    f"{path}:{line_no}: expected 2 fields 'image path,class names', got "
-                    f"{len(row)}: {row!r}. Quote a label field that holds commas "
-                    '(img.jpg,"cat,dog"), or set --config.data.label_separator=, when the class '
-                    "names are separated by commas"
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_no = data[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}:{line_no}: not UTF-8 text (byte {data[e.start : e.start + 1]!r} at offset "
+            f"{e.start}): save the CSV as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path})"
+        ) from None
+    for line_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if line_no == 1 and row[0].strip().lower() in _HEADER_WORDS:
+            continue
+        if label_separator == ",":
+            names = [n for field in row[1:] for n in split_labels(field, ",")]
+        elif len(row) > 2:
+            raise UserError(
+                f"{path}:{line_no}: expected 2 fields 'image path,class names', got "
+                f"{len(row)}: {row!r}. Quote a label field that holds commas "
+                '(img.jpg,"cat,dog"), or set --config.data.label_separator=, when the class '
+                "names are separated by commas"
+            )
+        else:
+            names = split_labels(row[1], label_separator) if len(row) == 2 else []
+        for name in names:
+            if any(ch in name for ch in _SUSPECT):
+                suspect.setdefault(name, line_no)
+        image = os.path.join(base, row[0].strip())
+        if image in first_line:
+            # The same image twice would be scored (or sampled) twice: one row per image.
+            earlier, at = first_line[image]
+            if sorted(set(classes[at])) != sorted(set(names)):
+                raise UserError(
+                    f"{path}:{line_no}: image {row[0].strip()!r} is listed again with other "
+                    f"labels than on line {earlier}: give each image one row with all of its "
+                    "class names"
                 )
-            else:
-                names = split_labels(row[1], label_separator) if len(row) == 2 else []
-            for name in names:
-                if any(ch in name for ch in _SUSPECT):
-                    suspect.setdefault(name, line_no)
-            images.append(os.path.join(base, row[0].strip()))
-            classes.append(names)
+            exact_repeats.append(line_no)
+            continue
+        first_line[image] = (line_no, len(images))
+        images.append(image)
+        classes.append(names)
+    if exact_repeats:
+        logging.warning(
+            "%s: %d row(s) repeat an earlier row exactly (first: line %d); each image is kept once",
+            path,
+            len(exact_repeats),
+            exact_repeats[0],
+        )
     if suspect:
         name, line_no = next(iter(suspect.items()))
         logging.warning(
@@ -227,13 +262,21 @@ def load_csv(
     """
     for path, key in ((train_csv, "train_annotations"), (test_csv, "test_annotations")):
         if not path:
-            raise ValueError(f"config.data.{key} is empty: set it to a CSV file")
+            raise UserError(f"config.data.{key} is empty: set it to a CSV file")
     train_paths, train_classes = read_csv(train_csv, train_images, label_separator)
     test_paths, test_classes = read_csv(test_csv, test_images, label_separator)
+    for paths, csv_path, key in (
+        (train_paths, train_csv, "train_annotations"),
+        (test_paths, test_csv, "test_annotations"),
+    ):
+        if not paths:
+            raise UserError(
+                f"{csv_path} (config.data.{key}) lists no images: add rows 'image path,class names'"
+            )
     names = sorted({c for cs in train_classes for c in cs})
     unknown = sorted({c for cs in test_classes for c in cs} - set(names))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{test_csv} names classes {unknown} that no image of {train_csv} has: add training "
             "images of them or drop them from the test file"
         )
@@ -291,12 +334,12 @@ def apply_split_file(
     with open(path) as f:
         record = json.load(f)
     if "train_image_ids" not in record or "class_names" not in record:
-        raise ValueError(
+        raise UserError(
             f"{path}: not a split file (it needs train_image_ids and class_names, as "
             "python -m mlcnc_jax.data.lt_builder writes)"
         )
     if list(record["class_names"]) != list(dataset.class_names):
-        raise ValueError(
+        raise UserError(
             f"{path} has classes {record['class_names'][:5]}... but the training annotations "
             f"have {dataset.class_names[:5]}...: build the split from the same training file "
             "(--labels of lt_builder = config.data.train_annotations)"
@@ -309,7 +352,7 @@ def apply_split_file(
     index = {key(i): row for row, i in enumerate(dataset.train.ids)}
     missing = [i for i in record["train_image_ids"] if key(i) not in index]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{path} names {len(missing)} image(s) that the training annotations lack, e.g. "
             f"{missing[0]!r}: build the split from config.data.train_annotations (for a CSV, "
             "leave config.data.train_images '' or set it to the CSV's folder, as lt_builder "

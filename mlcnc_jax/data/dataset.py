@@ -61,6 +61,8 @@ class MultiLabelDataset:
       test: the test split.
       class_split: {'head', 'medium', 'tail'} class index lists. Defaults to the
         groups computed from the training frequencies.
+      full_test_size: when `test` is an evenly spaced part of the test split
+        (eval.max_images), the whole split's size; None when `test` is the whole split.
     """
 
     name: str
@@ -68,6 +70,7 @@ class MultiLabelDataset:
     train: Split
     test: Split
     class_split: dict[str, list[int]] | None = None
+    full_test_size: int | None = None
 
     def __post_init__(self):
         k = len(self.class_names)

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mlcnc_jax.data.dataset import HEAD_MIN, TAIL_MAX, class_groups
+from mlcnc_jax.errors import UserError
 
 PARETO_SHAPE = 6.0
 PARETO_TAIL_QUANTILE = 0.99
@@ -143,7 +144,7 @@ def read_labels(path: str, label_separator: str = " ") -> tuple[list, np.ndarray
     if path.endswith(".npy"):
         labels = np.load(path, allow_pickle=False)
         if labels.ndim != 2:
-            raise ValueError(f"{path}: expected an [N, K] multi-hot matrix, got {labels.shape}")
+            raise UserError(f"{path}: expected an [N, K] multi-hot matrix, got {labels.shape}")
         return (
             list(range(len(labels))),
             (labels > 0).astype(np.uint8),
@@ -172,7 +173,7 @@ def read_labels(path: str, label_separator: str = " ") -> tuple[list, np.ndarray
         for row, classes in enumerate(d["train_labels"]):
             labels[row, classes] = 1
         return list(d["train_image_ids"]), labels, list(d["class_names"])
-    raise ValueError(
+    raise UserError(
         f"{path}: not a COCO-format file (images, annotations, categories) nor a split file "
         "(train_image_ids, train_labels, class_names)"
     )

@@ -25,6 +25,7 @@ from absl import logging
 
 from mlcnc_jax.data import coco, custom, voc
 from mlcnc_jax.data.dataset import MultiLabelDataset, Split, class_groups
+from mlcnc_jax.errors import UserError
 
 SOURCES = ("synthetic_lt", "coco_lt", "voc_lt", "coco_json", "csv")
 _CUSTOM = ("coco_json", "csv")
@@ -94,11 +95,11 @@ def load_dataset(config: ml_collections.ConfigDict) -> MultiLabelDataset:
             label_separator=d.label_separator,
         )
     else:
-        raise ValueError(f"unknown config.data.name {d.name!r}; expected one of {list(SOURCES)}")
+        raise UserError(f"unknown config.data.name {d.name!r}; expected one of {list(SOURCES)}")
 
     if d.train_split_file:
         if d.name not in _CUSTOM:
-            raise ValueError(
+            raise UserError(
                 f"config.data.train_split_file is for coco_json and csv data, not {d.name!r}: "
                 "leave it '' (the benchmarks take their split files from config.data.split_dir)"
             )
@@ -113,11 +114,46 @@ def load_dataset(config: ml_collections.ConfigDict) -> MultiLabelDataset:
         dataset = dataclasses.replace(dataset, train=train, test=test, class_split=class_split)
     if d.val_fraction > 0:
         dataset = carve_validation(dataset, d.val_fraction, config.seed)
+    check_split_sizes(dataset, config)
     if 0 < config.eval.max_images < len(dataset.test):
         dataset = dataclasses.replace(
-            dataset, test=spaced_subset(dataset.test, config.eval.max_images)
+            dataset,
+            test=spaced_subset(dataset.test, config.eval.max_images),
+            full_test_size=len(dataset.test),
         )
     return dataset
+
+
+def check_split_sizes(dataset: MultiLabelDataset, config: ml_collections.ConfigDict) -> None:
+    """Stops a run whose training or test split is empty, before anything is trained.
+
+    An empty test split would otherwise be found after the whole training (nothing to
+    score); an empty training split gives no batches. A batch larger than the training split
+    is allowed (the sampler repeats images) with a warning.
+
+    Raises:
+      UserError: a split holds no images; the message names where they come from.
+    """
+    d = config.data
+    where = {
+        "train": f"config.data.train_annotations = {d.train_annotations!r}",
+        "test": f"config.data.test_annotations = {d.test_annotations!r}",
+    }
+    for name, split in (("train", dataset.train), ("test", dataset.test)):
+        if len(split) == 0:
+            source = where[name] if d.name in _CUSTOM else f"config.data.root = {d.root!r}"
+            extra = " (or data.val_fraction left no images for it)" if d.val_fraction > 0 else ""
+            raise UserError(
+                f"the {name} split of {dataset.name} holds no images ({source}){extra}: give it "
+                "at least one image"
+            )
+    if config.train.batch_size > len(dataset.train):
+        logging.warning(
+            "config.train.batch_size = %d is larger than the %d training images: every batch "
+            "repeats images",
+            config.train.batch_size,
+            len(dataset.train),
+        )
 
 
 def spaced_subset(split: Split, n: int) -> Split:
@@ -221,7 +257,7 @@ def check_images(split: Split, skip_corrupt: bool) -> Split:
         return split
     if not skip_corrupt:
         first = bad[0]
-        raise ValueError(
+        raise UserError(
             f"{len(bad)} images cannot be decoded by the input pipeline (JPEG, PNG, GIF, BMP "
             f"and WebP can), e.g. {split.images[first]} ({errors[first]}). Replace or convert "
             "them, or skip such images with --config.data.skip_corrupt=True"
@@ -255,7 +291,7 @@ def carve_validation(dataset: MultiLabelDataset, fraction: float, seed: int) -> 
       validation split.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"config.data.val_fraction must be in [0, 1), got {fraction}")
+        raise UserError(f"config.data.val_fraction must be in [0, 1), got {fraction}")
     labels = dataset.train.labels.astype(np.int64)
     n = len(labels)
     target = int(round(fraction * n))

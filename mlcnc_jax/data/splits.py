@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mlcnc_jax.errors import UserError
+
 # The two benchmarks: files of the original repository, pinned to the commits whose content
 # has these sha256 values (METHOD.md §4).
 _REPO = "https://raw.githubusercontent.com/wutong16/DistributionBalancedLoss"
@@ -124,7 +126,7 @@ class LongTailSplit:
         return self.labels.astype(np.int64).sum(axis=0)
 
 
-class SplitFileError(ValueError):
+class SplitFileError(UserError):
     """A split file is missing, corrupt or inconsistent."""
 
 
@@ -358,7 +360,7 @@ def load_long_tail_split(name: str, split_dir: str, download: bool = False) -> L
       SplitFileError: the files are inconsistent or a download failed verification.
     """
     if name not in OFFICIAL_FILES:
-        raise ValueError(
+        raise UserError(
             f"unknown long-tailed split {name!r}; expected one of {list(OFFICIAL_FILES)}"
         )
     split_dir = os.path.expanduser(split_dir)

@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mlcnc_jax import config_checks
 from mlcnc_jax.data import dataset as dataset_lib
+from mlcnc_jax.errors import UserError
 
 # Keep TensorFlow off the accelerators: JAX owns them.
 try:
@@ -529,13 +530,13 @@ def make_config(
       with '_dbloss' appended for that train split.
     """
     if classes not in CLASS_SETS:
-        raise ValueError(
+        raise UserError(
             f"synthetic_lt classes must be one of {sorted(CLASS_SETS)}, got {classes!r}"
         )
     if int(image_size) < 16:
-        raise ValueError(f"synthetic_lt image_size must be >= 16 pixels, got {image_size}")
+        raise UserError(f"synthetic_lt image_size must be >= 16 pixels, got {image_size}")
     if train_split not in TRAIN_SPLITS or (train_split != "planned" and classes != "target"):
-        raise ValueError(
+        raise UserError(
             f"synthetic_lt train_split must be one of {TRAIN_SPLITS} ('dbloss' for the 'target' "
             f"classes only), got {train_split!r} for {classes!r}"
         )
@@ -690,13 +691,32 @@ def builder(
 
 
 def _read_split(ds_builder: SyntheticLt, split: str) -> dataset_lib.Split:
-    ds = ds_builder.as_dataset(
-        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
-    )
-    examples = sorted(
-        ((ex["id"].decode(), ex["image"], ex["labels"]) for ex in tfds.as_numpy(ds)),
-        key=lambda e: e[0],
-    )
+    try:
+        ds = ds_builder.as_dataset(
+            split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        examples = sorted(
+            ((ex["id"].decode(), ex["image"], ex["labels"]) for ex in tfds.as_numpy(ds)),
+            key=lambda e: e[0],
+        )
+    except (tf.errors.OpError, OSError, AssertionError) as e:
+        # A truncated or deleted record file (a full disk or a kill while it was copied):
+        # the data is generated, so deleting the folder regenerates it whole.
+        # TensorFlow's messages start with "{{function_node ...}}": what follows is the point.
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = text.rsplit("}} ", 1)[-1].split(" [Op:")[0][:200] or type(e).__name__
+        folder = ds_builder.data_dir
+        raise UserError(
+            f"the cached synthetic_lt data in {folder} is damaged ({split} split: "
+            f"{type(e).__name__}: {reason}): delete {folder} and run again to regenerate it"
+        ) from None
+    if len(examples) != ds_builder.info.splits[split].num_examples:
+        folder = ds_builder.data_dir
+        raise UserError(
+            f"the cached synthetic_lt data in {folder} is damaged ({split} split: "
+            f"{len(examples)} of {ds_builder.info.splits[split].num_examples} images): delete "
+            f"{folder} and run again to regenerate it"
+        )
     ids = [e[0] for e in examples]
     k = len(CLASS_SETS[ds_builder.builder_config.classes])
     labels = np.stack([e[2] for e in examples]) if examples else np.zeros((0, k), np.uint8)
@@ -740,7 +760,7 @@ def load(config) -> dataset_lib.MultiLabelDataset:
     """
     classes = config.data.synthetic_classes
     if classes not in CLASS_SETS:
-        raise ValueError(
+        raise UserError(
             f"config.data.synthetic_classes must be 'target' or 'pretrain', got {classes!r}"
         )
     root = pathlib.Path(os.path.expanduser(config.data.root))
@@ -763,7 +783,10 @@ def load(config) -> dataset_lib.MultiLabelDataset:
             if not ds_builder.is_prepared():
                 print(f"Generating synthetic_lt/{name} into {ds_builder.data_dir} ...", flush=True)
                 start = time.perf_counter()
-                ds_builder.download_and_prepare()
+                # tfds announces "Downloading and preparing dataset Unknown size": nothing is
+                # downloaded here, the lines above say what happens.
+                with contextlib.redirect_stdout(io.StringIO()):
+                    ds_builder.download_and_prepare()
                 print(
                     f"Generated synthetic_lt/{name} in {time.perf_counter() - start:.1f} s",
                     flush=True,
@@ -792,7 +815,7 @@ def preview(dataset: dataset_lib.MultiLabelDataset, path: str | os.PathLike, n: 
     split = dataset.train
     n = min(n, len(split))
     if n == 0:
-        raise ValueError(f"dataset {dataset.name!r} has no training images to preview")
+        raise UserError(f"dataset {dataset.name!r} has no training images to preview")
     cell, text_h = 128, 30
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)

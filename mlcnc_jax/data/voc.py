@@ -15,6 +15,7 @@ import numpy as np
 from mlcnc_jax.data import splits
 from mlcnc_jax.data.coco import benchmark_groups, check_ids_present, warn_label_mismatch
 from mlcnc_jax.data.dataset import HEAD_MIN, TAIL_MAX, MultiLabelDataset, Split
+from mlcnc_jax.errors import UserError
 
 VOC_CLASSES = (
     "aeroplane",
@@ -61,12 +62,12 @@ def parse_voc_xml(path: str) -> list[int]:
     try:
         tree = ET.parse(path)
     except ET.ParseError as e:
-        raise ValueError(f"{path} is not a valid VOC annotation ({e})") from e
+        raise UserError(f"{path} is not a valid VOC annotation ({e})") from e
     classes = set()
     for obj in tree.getroot().iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in _INDEX:
-            raise ValueError(f"{path}: unknown VOC class {name!r}")
+            raise UserError(f"{path}: unknown VOC class {name!r}")
         classes.add(_INDEX[name])
     return sorted(classes)
 
@@ -115,9 +116,7 @@ def load_voc_lt(
     if image_source == "tfds":
         return _load_voc_lt_tfds(split, tfds_data_dir, head_min, tail_max)
     if image_source != "files":
-        raise ValueError(
-            f"config.data.image_source must be 'files' or 'tfds', got {image_source!r}"
-        )
+        raise UserError(f"config.data.image_source must be 'files' or 'tfds', got {image_source!r}")
     root = os.path.expanduser(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"VOC directory {root} not found: {_ROOT_FIX}")
