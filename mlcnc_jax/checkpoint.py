@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from mlcnc_jax import storage
+from mlcnc_jax.errors import UserError
 
 # The parts of a saved TrainState that the model itself needs.
 VARIABLE_COLLECTIONS = ("params", "batch_stats", "etf")
@@ -61,7 +62,7 @@ def model_fingerprint(config: Any, class_names: list[str]) -> dict:
     return {"model": model, "num_classes": len(class_names), "class_names": list(class_names)}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint was made by a different model or dataset than the current config."""
 
 
