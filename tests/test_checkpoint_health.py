@@ -7,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mlcnc_jax import checkpoint_health
+from mlcnc_jax import checkpoint, checkpoint_health
 
 
 def _state(seed):
@@ -23,6 +23,16 @@ def _state(seed):
 @pytest.fixture
 def checkpoints(tmp_path):
     """A real checkpoint directory, as the trainer writes it: steps 10 and 20."""
+    saver = checkpoint.Checkpointer(str(tmp_path), {"model": "m"}, keep=3)
+    for step in (10, 20):
+        saver.save(step, _state(step))
+    saver.close()
+    return saver.directory
+
+
+@pytest.fixture
+def legacy_checkpoints(tmp_path):
+    """Checkpoints of earlier versions: the model record in a JSON item 'meta'."""
     directory = str(tmp_path / "checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=3, create=True, enable_async_checkpointing=False
@@ -32,7 +42,8 @@ def checkpoints(tmp_path):
         manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_state(step)), meta=ocp.args.JsonSave({"step": step})
+                state=ocp.args.StandardSave(_state(step)),
+                meta=ocp.args.JsonSave({"step": step, "model": {"model": "m"}}),
             ),
             force=True,
         )
@@ -84,9 +95,19 @@ def test_deleted_metadata_file(checkpoints):
     assert "state/_METADATA is missing" in broken[0].reason
 
 
-def test_deleted_meta_item(checkpoints):
-    os.remove(os.path.join(checkpoints, "20", "meta", "metadata"))
+def test_deleted_step_record(checkpoints):
+    os.remove(os.path.join(checkpoints, "20", checkpoint_health.STEP_METADATA))
     _, broken = checkpoint_health.find_restorable(checkpoints)
+    assert broken[0].step == 20 and "_CHECKPOINT_METADATA cannot be read" in broken[0].reason
+
+
+def test_legacy_checkpoints_are_read_and_checked(legacy_checkpoints, tmp_path):
+    assert checkpoint_health.find_restorable(legacy_checkpoints) == (20, [])
+    saved = checkpoint.Checkpointer(str(tmp_path), {"model": "m"})
+    assert saved.read_meta(20) == {"step": 20, "model": {"model": "m"}}
+    saved.check_fingerprint(20)
+    os.remove(os.path.join(legacy_checkpoints, "20", "meta", "metadata"))
+    _, broken = checkpoint_health.find_restorable(legacy_checkpoints)
     assert broken[0].step == 20 and "'meta' item cannot be read" in broken[0].reason
 
 
@@ -103,20 +124,10 @@ def test_set_aside_lets_the_step_be_saved_again(checkpoints):
     _, broken = checkpoint_health.find_restorable(checkpoints)
     moved = checkpoint_health.set_aside(broken)
     assert moved == [os.path.join(checkpoints, "20.broken")] and os.path.isdir(moved[0])
-    manager = ocp.CheckpointManager(
-        checkpoints,
-        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
-        item_names=("state", "meta"),
-    )
-    assert manager.all_steps() == [10]
-    assert manager.save(
-        20,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_state(21)), meta=ocp.args.JsonSave({"step": 20})
-        ),
-    )
-    manager.wait_until_finished()
-    manager.close()
+    saver = checkpoint.Checkpointer(os.path.dirname(checkpoints), {"model": "m"}, keep=3)
+    assert saver.steps() == [10]
+    saver.save(20, _state(21))
+    saver.close()
     assert checkpoint_health.find_restorable(checkpoints) == (20, [])
     restored = ocp.PyTreeCheckpointer().restore(os.path.join(checkpoints, "20", "state"))
     np.testing.assert_array_equal(restored["params"]["w"], _state(21)["params"]["w"])

@@ -25,7 +25,9 @@ def _trained_workdir(tmp_path, step=3):
     tx, _ = optim.create_optimizer(c, total_steps=10)
     state = build.initial_train_state(c, model, tx, len(NAMES))
     workdir = str(tmp_path / "run")
-    checkpoint.Checkpointer(workdir, checkpoint.model_fingerprint(c, NAMES)).save(step, state)
+    checkpoint.Checkpointer(
+        workdir, checkpoint.model_fingerprint(c, NAMES), asynchronous=False
+    ).save(step, state)
     return workdir, c
 
 
