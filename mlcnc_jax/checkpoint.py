@@ -141,6 +141,8 @@ class Checkpointer:
             )
         options = ocp.CheckpointManagerOptions(
             create=True,
+            # A save cut short (a kill) leaves a temporary directory: removed on start.
+            cleanup_tmp_directories=True,
             enable_async_checkpointing=asynchronous,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             # Metrics are written (and read back on resume) only with a best_fn.

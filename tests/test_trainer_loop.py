@@ -162,35 +162,38 @@ from mlcnc_jax import cli
 finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
 async def slow_finalize(self, *args, **kwargs):
-    # Step 4's files are written; its rename into place is held back, and the process is
+    # Step 3's files are written; its rename into place is held back, and the process is
     # killed meanwhile, while training goes on (the save is asynchronous).
-    if str(self.get_final()).endswith("/4"):
+    if str(self.get_final()).endswith("/3"):
         with open({marker!r}, "w") as f:
-            f.write("writing step 4")
+            f.write("writing step 3")
         await asyncio.sleep(60)
     return await finalize(self, *args, **kwargs)
 
 atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
 
-class KillAtStep5:
+class KillAtStep4:
     def on_step(self, step, metrics):
-        # Training went on past step 4; once step 4's save is on its last stretch, die.
-        if step == 5:
+        # Training went on past step 3; once step 3's save is on its last stretch, die.
+        if step == 4:
             for _ in range(600):
                 if os.path.exists({marker!r}):
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(0.1)
 
 config = tiny_config({data_root!r}, **{overrides!r})
-cli.run(config, {workdir!r}, "train", hooks=[KillAtStep5()])
+cli.run(config, {workdir!r}, "train", hooks=[KillAtStep4()])
 """
 
 
 def test_kill_during_an_asynchronous_save_resumes_to_the_same_numbers(data_root, tmp_path):
+    # Evaluations after steps 3 and 6, checkpoints after 2, 3 (the best so far, kept by
+    # keep_best), 4 and 6; the run is killed while step 3's checkpoint is being written.
     overrides = {
         "train.log_every_steps": 1,
         "train.checkpoint_every_steps": 2,
-        "train.eval_every_epochs": 2,
+        "train.eval_every_epochs": 1,
+        "train.keep_best": True,
     }
     config = tiny_config(data_root, **overrides)
     full = cli.run(config, str(tmp_path / "full"), "train")
@@ -208,10 +211,10 @@ def test_kill_during_an_asynchronous_save_resumes_to_the_same_numbers(data_root,
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == -9, proc.stderr[-3000:]
-    assert marker.exists()  # it died with step 4's save begun and unfinished
+    assert marker.exists()  # it died with step 3's save begun and unfinished
     names = os.listdir(work / "checkpoints")
-    assert "2" in names and "4" not in names
-    assert any(n.startswith("4.") and "tmp" in n for n in names), names
+    assert "2" in names and "3" not in names
+    assert any(n.startswith("3.") and "tmp" in n for n in names), names
     assert checkpoint.Checkpointer(str(work), {}).latest_step() == 2
 
     resumed = cli.run(config, str(work), "train")
@@ -223,3 +226,8 @@ def test_kill_during_an_asynchronous_save_resumes_to_the_same_numbers(data_root,
         json.loads((work / "eval_6.json").read_text())["map_raw"]
         == json.loads((tmp_path / "full" / "eval_6.json").read_text())["map_raw"]
     )
+    # The checkpoint kept as the best is the one the reports call best.
+    best = json.loads((work / "summary.json").read_text())["best_raw_on_test"]["step"]
+    assert checkpoint.Checkpointer(str(work), {}, keep_best=True).best_step() == best
+    assert str(best) in os.listdir(work / "checkpoints")
+    assert not any("tmp" in n for n in os.listdir(work / "checkpoints"))  # cleared on start
