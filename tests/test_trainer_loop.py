@@ -231,3 +231,47 @@ def test_kill_during_an_asynchronous_save_resumes_to_the_same_numbers(data_root,
     assert checkpoint.Checkpointer(str(work), {}, keep_best=True).best_step() == best
     assert str(best) in os.listdir(work / "checkpoints")
     assert not any("tmp" in n for n in os.listdir(work / "checkpoints"))  # cleared on start
+
+
+def test_evaluation_reads_the_split_once_for_the_raw_and_the_ema_weights():
+    from configs import default
+    from mlcnc_jax import optim
+    from mlcnc_jax.data import arrays
+    from mlcnc_jax.evaluation import Evaluator
+    from mlcnc_jax.models import create_model
+
+    c = default.get_config()
+    c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 16, 4, 2
+    k, n = 5, 20
+    model = create_model(c, k)
+    tx, _ = optim.create_optimizer(c, total_steps=10)
+    state = build.initial_train_state(c, model, tx, k)
+    # EMA weights unlike the raw ones, so that mixing them up shows.
+    state = state.replace(ema=jax.tree.map(lambda x: x * 0.5, state.ema))
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = (rng.random((n, k)) < 0.4).astype(np.float32)
+    labels[0] = 1.0
+    passes = []
+
+    def batches():
+        passes.append(1)
+        return arrays.eval_batches(pixels, labels, global_batch=8, mean=None, std=None)
+
+    evaluator = Evaluator(
+        model,
+        batches,
+        num_images=n,
+        class_split={"head": [0, 1], "medium": [2], "tail": [3, 4]},
+        mesh=parallel.make_mesh(),
+        image_norm=(tuple(c.data.mean), tuple(c.data.std)),
+    )
+    both = evaluator(state)
+    assert len(passes) == 1
+    alone = {
+        "raw": evaluator.score({"raw": state.variables()}, step=0)["raw"],
+        "ema": evaluator.score({"ema": state.ema_variables()}, step=0)["ema"],
+    }
+    for name in ("raw", "ema"):
+        np.testing.assert_allclose(both[name]["ap"], alone[name]["ap"], atol=1e-6)
+    assert not np.allclose(both["raw"]["ap"], both["ema"]["ap"], equal_nan=True)
