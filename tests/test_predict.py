@@ -16,8 +16,12 @@ from mlcnc_jax.models import create_model
 NAMES = ["cat", "dog", "car", "tree", "boat"]
 
 
-def _trained_workdir(tmp_path, step=3):
-    """A workdir whose checkpoint holds a freshly initialised tiny model; (workdir, config)."""
+def _saved_model(tmp_path, step=3):
+    """A workdir whose checkpoint holds a freshly initialised tiny model.
+
+    Returns:
+      (workdir, config, model, state).
+    """
     c = default.get_config()
     c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 16, 4, 2
     c.model.logit_scale_init = 16.0  # scores spread on both sides of 0.5
@@ -28,20 +32,16 @@ def _trained_workdir(tmp_path, step=3):
     checkpoint.Checkpointer(
         workdir, checkpoint.model_fingerprint(c, NAMES), asynchronous=False
     ).save(step, state)
-    return workdir, c
+    return workdir, c, model, state
+
+
+def _trained_workdir(tmp_path, step=3):
+    """A workdir whose checkpoint holds a freshly initialised tiny model; (workdir, config)."""
+    return _saved_model(tmp_path, step)[:2]
 
 
 def test_predict_lists_the_classes_at_or_above_the_threshold(tmp_path):
-    c = default.get_config()
-    c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 16, 4, 2
-    c.model.logit_scale_init = 16.0  # scores spread on both sides of 0.5
-    model = create_model(c, len(NAMES))
-    tx, _ = optim.create_optimizer(c, total_steps=10)
-    state = build.initial_train_state(c, model, tx, len(NAMES))
-    workdir = str(tmp_path / "run")
-    checkpoint.Checkpointer(
-        workdir, checkpoint.model_fingerprint(c, NAMES), asynchronous=False
-    ).save(7, state)
+    workdir, c, model, state = _saved_model(tmp_path, step=7)
 
     rng = np.random.default_rng(0)
     images = tmp_path / "images"
@@ -71,15 +71,7 @@ def test_predict_lists_the_classes_at_or_above_the_threshold(tmp_path):
 
 
 def test_outputs_never_collide_and_unreadable_files_are_skipped(tmp_path):
-    c = default.get_config()
-    c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 16, 4, 2
-    model = create_model(c, len(NAMES))
-    tx, _ = optim.create_optimizer(c, total_steps=10)
-    state = build.initial_train_state(c, model, tx, len(NAMES))
-    workdir = str(tmp_path / "run")
-    checkpoint.Checkpointer(
-        workdir, checkpoint.model_fingerprint(c, NAMES), asynchronous=False
-    ).save(3, state)
+    workdir, c, _, _ = _saved_model(tmp_path, step=3)
 
     images = tmp_path / "images"
     images.mkdir()
