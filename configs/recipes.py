@@ -5,7 +5,7 @@ Choose one with the config file's argument; `config.recipe` records which was ap
     python run.py --config=configs/voc_lt.py            # 'reference' (the default)
     python run.py --config=configs/voc_lt.py:paper      # 'paper'
 
-- **reference**: the authors' released code as it runs (METHOD.md §6); the published
+- **reference**: the authors' released code as it runs (docs/method.md §6); the published
   numbers came from it. Classifier V initialised as the ETF and *trained* (with L2),
   gamma from 1, FPC 0.1, cumulative prototypes (sums since step 0, warm-up included,
   turned into prototypes at each end of epoch), 5 warm-up epochs of FLA alone in which

@@ -1,4 +1,4 @@
-"""MLC-NC on VOC-LT: ResNet-50 from ImageNet, 224 px, 100 class-aware epochs (METHOD.md §3).
+"""MLC-NC on VOC-LT: ResNet-50 from ImageNet, 224 px, 100 class-aware epochs (docs/method.md §3).
 
 Training recipe, by the config argument (configs/recipes.py says what each sets):
     --config=configs/voc_lt.py              'reference': the authors' code as it runs

@@ -10,7 +10,7 @@ backbone and how it is fine-tuned:
 - CLIP's own normalisation constants (the statistics its weights were trained with);
 - AdamW (decoupled decay 0.05) instead of Adam with coupled L2 1e-4: with Adam's coupled
   L2 a pre-trained weight whose gradient is small is pulled to 0 at ~lr per step (the
-  reference code's warm-up does this to the head on purpose, METHOD.md §6), which would
+  reference code's warm-up does this to the head on purpose, docs/method.md §6), which would
   erode the CLIP weights; AdamW's decay is a gentle lr * 0.05 per step;
 - the head at the recipe's learning rate (1e-4 peak, one-cycle), the backbone at 0.1 of
   it, and layer-wise lr decay 0.75 inside the backbone: block i of 12 at 0.75^(12 - i)

@@ -1,7 +1,7 @@
 """Head, medium and tail: the class groups of a long-tailed split, in one place.
 
 A class with at least HEAD_MIN training images is 'head', one with fewer than
-TAIL_MAX is 'tail', the rest 'medium' (METHOD.md §4). Reports, plots and
+TAIL_MAX is 'tail', the rest 'medium' (docs/method.md §4). Reports, plots and
 benchmarks take the names, order and colours from here.
 """
 

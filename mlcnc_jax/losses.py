@@ -161,7 +161,7 @@ def alignment_loss(
       class_features: [B, K, D] class-wise features F.
       label_embedding: [K, D] ETF label embedding L.
       labels: [B, K] float {0, 1} labels.
-      eps: inside the logarithms, as in METHOD.md (1e-6).
+      eps: inside the logarithms, as in docs/method.md (1e-6).
       mask: optional [B] bool, False for padding images.
 
     Returns:

@@ -1,7 +1,7 @@
 """The optimizer: Adam with coupled L2 or AdamW, torch's one-cycle learning rate and beta1 cycle.
 
 Everything here follows torch's formulas step for step, because the reference
-code (METHOD.md §6) trains with `torch.optim.Adam(weight_decay=1e-4)` and
+code (docs/method.md §6) trains with `torch.optim.Adam(weight_decay=1e-4)` and
 `torch.optim.lr_scheduler.OneCycleLR`, stepped every step:
 
 - **Learning rate** (`one_cycle_schedule`): torch's OneCycleLR with

@@ -1,11 +1,11 @@
 """Class prototypes for the collapse-calibration loss (FPC).
 
 A prototype m_k is the mean of the L2-normalised projections z_{b,k} over the
-positive (image b, class k) pairs seen in training. Two variants (METHOD.md §2):
+positive (image b, class k) pairs seen in training. Two variants (docs/method.md §2):
 
 - ``'previous_epoch'`` (paper, default): the mean over the last finished epoch in
   which the class was seen; a class absent from an epoch keeps its older prototype.
-- ``'cumulative'`` (reference code, METHOD.md §6): the mean over every positive pair
+- ``'cumulative'`` (reference code, docs/method.md §6): the mean over every positive pair
   accumulated since step 0 (warm-up included, never reset), taken at the last end
   of epoch. It does not include the current epoch's batches.
 
@@ -28,7 +28,7 @@ Array = jax.Array
 
 MODES = ("previous_epoch", "cumulative")
 
-# L2 normalisation clamp, as in the model's projection (METHOD.md §1.5).
+# L2 normalisation clamp, as in the model's projection (docs/method.md §1.5).
 _NORM_EPS = 1e-12
 
 

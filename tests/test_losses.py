@@ -30,7 +30,7 @@ def _lse(v):
 
 
 def _simplex_etf(k, d, seed=0):
-    """[K, D] rows: unit norm, pairwise cosine -1/(K-1) (METHOD.md §1.3)."""
+    """[K, D] rows: unit norm, pairwise cosine -1/(K-1) (docs/method.md §1.3)."""
     p, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, k)))
     m = np.sqrt(k / (k - 1)) * p @ (np.eye(k) - np.ones((k, k)) / k)
     return m.T

@@ -72,7 +72,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch, data_root):
     maps = sorted((workdir / "attention").glob("*.png"))
     assert len(maps) == images == 4
     assert all(m.stat().st_size > 1000 for m in maps)
-    # It follows the README: the default config, fine-tuned from the shipped trunk.
+    # It follows the quick start: the default config, fine-tuned from the shipped trunk.
     from mlcnc_jax import trunks
 
     assert trunks.SYNTHETIC_PRETRAIN in printed[by_source["default.get_config"]][0]

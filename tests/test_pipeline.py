@@ -50,7 +50,7 @@ def _take(it, n):
 
 def test_class_aware_single_label_follows_method():
     # With one label per image, the class of each draw is known, so the whole
-    # METHOD.md procedure can be checked: shuffled class cycles, per-class lists
+    # docs/method.md procedure can be checked: shuffled class cycles, per-class lists
     # reshuffled when exhausted.
     rng = np.random.default_rng(1)
     k = 4

@@ -1,6 +1,6 @@
 """The two recipes of configs/recipes.py, step by step against an independent PyTorch run.
 
-The PyTorch side below is written from METHOD.md (§1-§2 for the model and losses, §6
+The PyTorch side below is written from docs/method.md (§1-§2 for the model and losses, §6
 for what the reference code does): a linear 'backbone' on 2x2 patches, token embedding
 + ReLU, torch.nn.MultiheadAttention with the ETF rows as queries, the per-class
 projection, the ETF classifier (trained in 'reference', frozen in 'paper'), two-way +
@@ -162,7 +162,7 @@ def run_jax(config, batches) -> dict:
 
 
 class TorchMLCNC(torch.nn.Module):
-    """METHOD.md §1 in torch (float32), weights taken from `init` (JAX layout)."""
+    """docs/method.md §1 in torch (float32), weights taken from `init` (JAX layout)."""
 
     def __init__(self, init: dict, trainable_classifier: bool):
         super().__init__()

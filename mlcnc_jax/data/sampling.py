@@ -41,7 +41,7 @@ def epoch_size(labels: np.ndarray, sampling: str) -> int:
 def sample_order(labels: np.ndarray, sampling: str, epoch: int, seed: int) -> np.ndarray:
     """Image indices drawn in one epoch, deterministic from (seed, epoch).
 
-    'class_aware' (METHOD.md section 3): the classes are cycled in a shuffled
+    'class_aware' (docs/method.md section 3): the classes are cycled in a shuffled
     order, reshuffled every cycle; each visit draws the next image of that class
     from its image list, which is reshuffled whenever it is exhausted. An epoch is
     max_c(n_c) * K draws, so every class is drawn max_c(n_c) times.

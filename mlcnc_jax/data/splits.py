@@ -30,7 +30,7 @@ import numpy as np
 from mlcnc_jax.errors import UserError
 
 # The two benchmarks: files of the original repository, pinned to the commits whose content
-# has these sha256 values (METHOD.md §4).
+# has these sha256 values (docs/method.md §4).
 _REPO = "https://raw.githubusercontent.com/wutong16/DistributionBalancedLoss"
 _COMMIT = "8f913268682508bdc8b3e051cd31b7e70a8631d5"
 _VOC_IMG_ID_COMMIT = "38ef08934efafa23a7263f0006a15c07367d6c3b"

@@ -1,4 +1,4 @@
-"""The MLC-NC model (METHOD.md §1) and the plain pooled-feature baseline.
+"""The MLC-NC model (docs/method.md §1) and the plain pooled-feature baseline.
 
 Frozen structures live in the variable collection 'etf', never in 'params':
 `etf/label_embedding` [K, D] (the ETF label vectors, queries of the cross-attention)
