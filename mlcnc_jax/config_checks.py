@@ -30,7 +30,6 @@ from mlcnc_jax.errors import UserError
 
 # Allowed values of the enumerated string fields (tests/test_config_checks.py checks that they
 # match the modules that use them).
-DATA_NAMES = ("synthetic_lt", "coco_lt", "voc_lt", "coco_json", "csv")
 IMAGE_SOURCES = ("files", "tfds")
 SAMPLINGS = ("class_aware", "uniform")
 SYNTHETIC_CLASSES = ("target", "pretrain")
@@ -79,12 +78,34 @@ def _one_of(values: Sequence[str]) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in values), "one of " + ", ".join(repr(x) for x in values)
 
 
+class _Registered:
+    """The names a registry holds when a config is checked (registrations may come later)."""
+
+    def __init__(self, names: Callable[[], Sequence[str]], adds: str):
+        self.names, self.adds = names, adds
+
+    def __call__(self, value: Any) -> bool:
+        return value in self.names()
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(repr(x) for x in self.names()) + f" ({self.adds} adds one)"
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from mlcnc_jax.data import sources  # light: no JAX, no TensorFlow
+
+    return sources.dataset_names()
+
+
+_DATASETS = _Registered(_dataset_names, "data.sources.register_dataset")
+
+
 # field -> (test, allowed range in words). Fields not listed here (paths, seeds, booleans)
 # take any value of their declared type, which the locked ConfigDict already enforces.
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dtype": _one_of(DTYPES),
     "parallel": _one_of(PARALLEL),
-    "data.name": _one_of(DATA_NAMES),
+    "data.name": (_DATASETS, _DATASETS),
     "data.image_source": _one_of(IMAGE_SOURCES),
     "data.sampling": _one_of(SAMPLINGS),
     "data.synthetic_classes": _one_of(SYNTHETIC_CLASSES),

@@ -97,10 +97,9 @@ def test_relations_between_fields():
 
 def test_allowed_values_match_the_modules_that_use_them():
     from mlcnc_jax import models, optim, prototypes
-    from mlcnc_jax.data import pipeline, sources
+    from mlcnc_jax.data import pipeline
     from mlcnc_jax.models import mlcnc
 
-    assert config_checks.DATA_NAMES == sources.SOURCES
     assert config_checks.SAMPLINGS == pipeline.SAMPLINGS
     assert config_checks.MODEL_NAMES == models.MODELS
     assert config_checks.DTYPES == tuple(models.DTYPES)

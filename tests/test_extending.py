@@ -1,6 +1,7 @@
-"""Adding a loss and a backbone takes only the steps docs/extending.md gives."""
+"""Adding a loss, a backbone and a dataset takes only the steps docs/extending.md gives."""
 
 import ast
+import io
 import pathlib
 import re
 
@@ -11,7 +12,9 @@ import pytest
 from flax import linen as nn
 
 from configs import default
-from mlcnc_jax import build, models, objective, optim, step
+from mlcnc_jax import build, cli, models, objective, optim, step
+from mlcnc_jax.data import sources
+from mlcnc_jax.data.dataset import MultiLabelDataset, Split
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXTENDING = ROOT / "docs" / "extending.md"
@@ -84,6 +87,49 @@ def test_an_unknown_backbone_names_the_registered_ones():
         models.create_model(c, 3)
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def load_my_set(config) -> MultiLabelDataset:
+    """Step 1 for a dataset: a loader from the config to a MultiLabelDataset (here: made up
+    images, class c brightening channel c)."""
+    rng = np.random.default_rng(config.seed)
+
+    def split(n):
+        labels = np.eye(3, dtype=np.uint8)[np.arange(n) % 3]
+        images = [_png((rng.random((32, 32, 3)) * 60 + 180 * y).astype(np.uint8)) for y in labels]
+        return Split(images=images, labels=labels, ids=list(range(n)))
+
+    return MultiLabelDataset(
+        name="my_set", class_names=["red", "green", "blue"], train=split(24), test=split(12)
+    )
+
+
+def test_a_new_dataset_trains_and_evaluates_through_the_config(tmp_path):
+    c = default.get_config()
+    c.data.name = "my_set"
+    with pytest.raises(ValueError, match="my_set.*register_dataset"):  # not yet registered
+        cli.run(c, str(tmp_path / "refused"), "train")
+    # Step 2 for a dataset: one registration.
+    sources.register_dataset("my_set", load_my_set)
+    try:
+        c.model.pretrained = "none"
+        c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 16, 4, 2
+        c.data.image_size, c.data.resize_size = 32, 32
+        c.train.batch_size, c.eval.batch_size = 8, 16
+        c.train.steps_per_epoch, c.train.num_epochs, c.loss.warmup_epochs = 2, 2, 0
+        results = cli.run(c, str(tmp_path / "run"), "train")
+    finally:
+        sources._LOADERS.pop("my_set")
+    assert results["step"] == 4 and results["num_images_scored"] == 12
+    assert set(results["raw"]["map"]) >= {"total", "head", "medium", "tail"}
+
+
 def _top_level_names(path: pathlib.Path) -> set[str]:
     """Functions, classes and assigned names defined at the top of a module."""
     names = set()
@@ -104,6 +150,7 @@ def test_the_guide_gives_the_steps_these_tests_take():
         "c.loss.my_loss = 0.0",
         'models.register_backbone("my_net", lambda dtype, axis_name: MyNet(dtype=dtype))',
         "models.create_model(config, k, backbone=MyNet())",
+        'sources.register_dataset("my_set", load_my_set)',
     ):
         assert step_text in text, step_text
 
