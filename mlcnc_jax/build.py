@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -30,119 +29,12 @@ from mlcnc_jax import (
     run_config,
     storage,
 )
+from mlcnc_jax.backbone_weights import check_pretrained_path, load_pretrained, pretrained_path
 from mlcnc_jax.evaluation import Evaluator
-from mlcnc_jax.models import clip, create_model, make_backbone, pretrained, vit
+from mlcnc_jax.models import create_model
 from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.state import Schedule, TrainState, create_train_state, init_variables, make_schedule
 from mlcnc_jax.trainer import Hook, Trainer
-
-
-def pretrained_path(config: ml_collections.ConfigDict) -> str:
-    """config.model.pretrained, or '' for a run from scratch ('' or 'none')."""
-    path = str(config.model.pretrained)
-    return "" if path.strip().lower() in ("", "none") else path
-
-
-def _clip_backbone(config: ml_collections.ConfigDict) -> vit.ViT | None:
-    # The configured backbone when it is a CLIP-layout ViT (CLIP's ln_pre, bias-free patch
-    # convolution): building the module is cheap (no weights) and covers registered ones.
-    try:
-        backbone = make_backbone(config.model.backbone)
-    except ValueError:
-        return None
-    if isinstance(backbone, vit.ViT) and backbone.ln_pre and not backbone.patch_bias:
-        return backbone
-    return None
-
-
-def check_pretrained_path(config: ml_collections.ConfigDict) -> None:
-    """Fails at once, saying where the weights go, when config.model.pretrained is missing."""
-    path = pretrained_path(config)
-    if not path or os.path.exists(os.path.expanduser(path)):
-        return
-    from mlcnc_jax.models import vit_weights
-
-    if config.model.backbone in vit_weights.IMAGENET_VITS:  # Google's or timm's weights
-        raise FileNotFoundError(
-            vit_weights.missing_weights_message(os.path.expanduser(path), config.model.backbone)
-            + " Or train from scratch with --config.model.pretrained=none."
-        )
-    backbone = _clip_backbone(config)
-    if backbone is not None:
-        raise FileNotFoundError(
-            clip.missing_weights_message(
-                os.path.expanduser(path), clip.architecture_of(backbone), config.model.backbone
-            )
-            + " Or train from scratch with --config.model.pretrained=none."
-        )
-    raise FileNotFoundError(
-        f"Pretrained backbone weights not found: {path}. config.model.pretrained names either "
-        f"torchvision's ImageNet weights for {config.model.backbone} (.safetensors, or .pth with "
-        "torch installed; see README, 'Real benchmarks') or the workdir of a "
-        "configs/pretrain.py run (built-in data). Put them there, pass "
-        "--config.model.pretrained=PATH, or train from scratch with --config.model.pretrained=none."
-    )
-
-
-def _is_vit(backbone_params: Any, backbone: nn.Module | None) -> bool:
-    if backbone is not None:
-        return isinstance(backbone, vit.ViT)
-    return "positional_embedding" in backbone_params and "conv1" in backbone_params
-
-
-def load_pretrained(variables: dict, path: str, backbone: nn.Module | None = None) -> dict:
-    """Replaces the backbone weights: torchvision or CLIP file, or a workdir of this project.
-
-    A workdir's latest checkpoint gives its backbone (e.g. a CPU backbone
-    pre-trained on other classes); a trunk file of this project its backbone; for a
-    ViT backbone a file is a CLIP image encoder (`models.clip.load_clip_backbone`),
-    otherwise torchvision ImageNet weights (.safetensors / .pth).
-
-    Args:
-      variables: the model's freshly initialised variables.
-      path: the weights (config.model.pretrained).
-      backbone: the configured backbone module, so that a CLIP file's architecture is
-        checked against it (heads, ln_pre, patch bias: what shapes cannot show); without
-        it a ViT is recognised from its parameters.
-    """
-    path = os.path.expanduser(path)
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
-        target = variables["params"]["backbone"]
-        if pretrained.read_trunk(path) is None and _is_vit(target, backbone):
-            from mlcnc_jax.models import vit_weights
-
-            if vit_weights.is_standard_vit(backbone):
-                return vit_weights.load_vit_backbone(path, variables, backbone)
-            return clip.load_clip_backbone(path, variables, backbone)
-        return pretrained.load_pretrained_backbone(path, variables)
-    source_ckpt = checkpoint.Checkpointer(os.path.abspath(path), {})
-    if source_ckpt.latest_step() is None:
-        raise FileNotFoundError(
-            f"config.model.pretrained={path} has no checkpoint under {path}/checkpoints."
-        )
-    saved = source_ckpt.restore_variables(check=False)
-    variables = dict(variables)
-    mismatch = ValueError(
-        f"The backbone in {path} does not match config.model.backbone="
-        "(different architecture or width): pre-train with the same backbone."
-    )
-    for collection in ("params", "batch_stats"):
-        # A backbone without batch statistics (a ViT) has none on either side.
-        target = variables.get(collection, {}).get("backbone")
-        source = (saved.get(collection) or {}).get("backbone")
-        if target is None and not source:
-            continue
-        if target is None or source is None:
-            raise mismatch
-        if jax.tree.structure(target) != jax.tree.structure(source) or any(
-            a.shape != b.shape for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(source))
-        ):
-            raise mismatch
-        variables[collection] = {
-            **variables[collection],
-            "backbone": jax.tree.map(jnp.asarray, source),
-        }
-    return variables
 
 
 def initial_train_state(
@@ -215,31 +107,9 @@ class Experiment:
         aside (renamed `<step>.set_aside`, never deleted) so that those steps can be saved
         again; evaluating one leaves them as they are.
         """
-        directory = self.checkpointer.directory
-        wanted = self.resume.restore_step
-        if wanted is None:
-            return checkpoint_health.choose_restore_step(directory)
-        steps = checkpoint_health.list_steps(directory)
-        if wanted not in steps:
-            raise FileNotFoundError(
-                f"--restore_step={wanted}: {directory} has no checkpoint of that step; it has "
-                f"{', '.join(map(str, steps)) or 'none'}."
-            )
-        problem = checkpoint_health.check_step(directory, wanted)
-        if problem:
-            raise checkpoint_health.BrokenCheckpointError(
-                f"--restore_step={wanted}: that checkpoint ({directory}/{wanted}) is broken: "
-                f"{problem}. Choose another of {', '.join(map(str, steps))}."
-            )
-        if training:
-            if jax.process_index() == 0:
-                checkpoint_health.set_aside_after(directory, wanted)
-                from mlcnc_jax import reports  # the abandoned steps' reports go aside too
-
-                reports.set_aside_reports_after(self.workdir, wanted)
-            parallel.sync("mlcnc_jax checkpoints set aside")
-            self.checkpointer.manager.reload()
-        return wanted
+        return checkpoint_health.choose_start_step(
+            self.checkpointer, self.workdir, self.resume.restore_step, training=training
+        )
 
     def initial_state(self, *, training: bool = False) -> TrainState:
         """The freshly initialised state, or the chosen checkpoint's when there is one.

@@ -266,3 +266,47 @@ def set_aside_after(directory: str, step: int, suffix: str = ".set_aside") -> li
         )
         moved.append(str(target))
     return moved
+
+
+def choose_start_step(
+    checkpointer, workdir: str, wanted: int | None, *, training: bool
+) -> int | None:
+    """The checkpoint a run starts from: `wanted` (--restore_step), else the latest sound one.
+
+    A broken latest checkpoint stops the run, naming it and the newest sound step to pass
+    as --restore_step. Training from an earlier step sets the newer checkpoints and their
+    reports aside (renamed `<step>.set_aside`, never deleted) so that those steps can be
+    saved again; evaluating one leaves them as they are.
+
+    Args:
+      checkpointer: the run's `checkpoint.Checkpointer`.
+      workdir: the run's directory (its reports).
+      wanted: the step asked for, or None.
+      training: whether the run trains from the step.
+    """
+    import jax
+
+    from mlcnc_jax import parallel, reports
+
+    directory = checkpointer.directory
+    if wanted is None:
+        return choose_restore_step(directory)
+    steps = list_steps(directory)
+    if wanted not in steps:
+        raise FileNotFoundError(
+            f"--restore_step={wanted}: {directory} has no checkpoint of that step; it has "
+            f"{', '.join(map(str, steps)) or 'none'}."
+        )
+    problem = check_step(directory, wanted)
+    if problem:
+        raise BrokenCheckpointError(
+            f"--restore_step={wanted}: that checkpoint ({directory}/{wanted}) is broken: "
+            f"{problem}. Choose another of {', '.join(map(str, steps))}."
+        )
+    if training:
+        if jax.process_index() == 0:
+            set_aside_after(directory, wanted)
+            reports.set_aside_reports_after(workdir, wanted)
+        parallel.sync("mlcnc_jax checkpoints set aside")
+        checkpointer.manager.reload()
+    return wanted

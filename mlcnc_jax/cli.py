@@ -176,7 +176,7 @@ INPUT_READERS = {
     ("mlcnc_jax.models.pretrained", "load_pretrained_backbone"),
     ("mlcnc_jax.models.clip", "load_clip_state_dict"),
     ("mlcnc_jax.models.clip", "load_clip_backbone"),
-    ("mlcnc_jax.build", "load_pretrained"),
+    ("mlcnc_jax.backbone_weights", "load_pretrained"),
     ("mlcnc_jax.models.vit_weights", "read_vit_state"),
     ("mlcnc_jax.models.vit_weights", "load_vit_params"),
     ("mlcnc_jax.models.clip_text", "load_clip_text"),

@@ -86,18 +86,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         FileNotFoundError: missing weights (before any data is read).
         ValueError: a backbone that is not a CLIP ViT, or no class text at all.
     """
-    from mlcnc_jax import build  # noqa: PLC0415 (build imports much; only this mode needs it)
+    from mlcnc_jax import backbone_weights  # noqa: PLC0415
     from mlcnc_jax.data import pipeline, sources  # noqa: PLC0415
 
     workdir = storage.resolve(workdir)
     backbone = clip_backbone(config)
-    weights = build.pretrained_path(config)
+    weights = backbone_weights.pretrained_path(config)
     if not weights:
         raise FileNotFoundError(
             "config.model.zero_shot scores with CLIP's own weights: set config.model.pretrained "
             "to the CLIP file (pretrained=none leaves nothing to score with)."
         )
-    build.check_pretrained_path(config)  # before the data is read
+    backbone_weights.check_pretrained_path(config)  # before the data is read
     text_classifier.check_text_weights(config)
     if (
         not text_classifier.needs_class_names(config)

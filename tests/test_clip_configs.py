@@ -12,7 +12,7 @@ import pytest
 from test_recipes import _tree
 
 from configs import ablations, coco_lt, coco_lt_clip, recipes, voc_lt, voc_lt_clip
-from mlcnc_jax import build, checkpoint, cli, config_checks, models, optim
+from mlcnc_jax import backbone_weights, build, checkpoint, cli, config_checks, models, optim
 from mlcnc_jax.models import clip, vit
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -233,7 +233,7 @@ def test_missing_clip_weights_stop_the_run_saying_what_to_put_where(tmp_path):
     r = voc_lt.get_config()
     r.model.pretrained = str(missing)
     with pytest.raises(FileNotFoundError, match="torchvision's ImageNet weights for resnet50"):
-        build.check_pretrained_path(r)
+        backbone_weights.check_pretrained_path(r)
 
 
 def test_clip_weights_reach_the_backbone_and_nothing_else(tmp_path, tiny_clip):
@@ -288,7 +288,7 @@ def test_voc_lt_clip_trains_end_to_end_and_its_workdir_is_a_pretrained_backbone(
         lambda: model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
     )
     assert "batch_stats" not in fresh
-    loaded = build.load_pretrained(dict(fresh), str(work))
+    loaded = backbone_weights.load_pretrained(dict(fresh), str(work))
     for key, value in _flat(loaded["params"]["backbone"]).items():
         np.testing.assert_array_equal(value, trained[key])
     config.model.backbone = "resnet_small"
@@ -297,7 +297,7 @@ def test_voc_lt_clip_trains_end_to_end_and_its_workdir_is_a_pretrained_backbone(
         lambda: resnet.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
     )
     with pytest.raises(ValueError, match="does not match config.model.backbone"):
-        build.load_pretrained(dict(other), str(work))
+        backbone_weights.load_pretrained(dict(other), str(work))
 
 
 def test_coco_lt_clip_trains_end_to_end_frozen_with_the_text_classifier_from_class_names(

@@ -12,7 +12,7 @@ import pytest
 import torch_extras
 
 from configs import voc_lt
-from mlcnc_jax import build, cli
+from mlcnc_jax import backbone_weights, cli
 from mlcnc_jax.models import vit_weights
 from mlcnc_jax.models.mlcnc import MLCNC
 from mlcnc_jax.models.vit import ViT
@@ -193,7 +193,7 @@ def test_load_pretrained_fills_only_the_backbone_and_a_missing_file_stops_first(
     shapes = jax.eval_shape(lambda: mlcnc.init(jax.random.key(0), x, train=False))
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes)
-    loaded = build.load_pretrained(dict(variables), str(npz), backbone=vit)
+    loaded = backbone_weights.load_pretrained(dict(variables), str(npz), backbone=vit)
     want = vit_weights.load_vit_params(str(npz), vit)
     jax.tree.map(np.testing.assert_array_equal, loaded["params"]["backbone"], want)
     np.testing.assert_array_equal(
