@@ -19,6 +19,17 @@ from mlcnc_jax.data import sampling
 from mlcnc_jax.errors import UserError
 
 
+def normalize_pixels(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(x - mean) / std in float32 on the host, uint8 pixels first scaled to [0, 1].
+
+    The host's twin of `step.normalize_images` (which does it on the device).
+    """
+    x = np.asarray(images)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / np.float32(255.0)
+    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+
+
 def _normalise(
     images: np.ndarray, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> np.ndarray:
@@ -27,9 +38,7 @@ def _normalise(
         if x.dtype != np.uint8:
             raise ValueError(f"mean=None keeps uint8 pixels; these images are {x.dtype}")
         return x
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+    return normalize_pixels(x, mean, std)
 
 
 def train_batches(

@@ -17,12 +17,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from mlcnc_jax.data import sampling
+from mlcnc_jax.data.arrays import normalize_pixels  # noqa: F401 (also pipeline's, for callers)
 from mlcnc_jax.data.dataset import Split
 from mlcnc_jax.data.sampling import SAMPLINGS, check_sampling, epoch_size, sample_order  # noqa: F401
 
@@ -57,12 +58,6 @@ def _to_pixels(image: tf.Tensor) -> tf.Tensor:
     (`step.normalize_images`). torchvision's PIL transforms round to 8 bits likewise.
     """
     return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
-
-
-def normalize_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 pixels -> float32 (x / 255 - mean) / std, on the host (`step.normalize_images`)."""
-    x = np.asarray(pixels, np.float32) / np.float32(255.0)
-    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
 def _random_crop_decode(raw: tf.Tensor, seed: tf.Tensor, min_area: float) -> tf.Tensor:
