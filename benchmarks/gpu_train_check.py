@@ -300,11 +300,11 @@ def run_check(
     import jax
 
     from configs.default import get_config
-    from mlcnc_jax import build, objective, optim, parallel
+    from mlcnc_jax import objective, optim, parallel
     from mlcnc_jax.data import arrays
     from mlcnc_jax.evaluation import Evaluator
     from mlcnc_jax.models import create_model
-    from mlcnc_jax.state import Schedule
+    from mlcnc_jax.state import Schedule, initial_train_state
     from mlcnc_jax.trainer import Trainer
 
     num_classes = data["train_labels"].shape[1]
@@ -340,7 +340,7 @@ def run_check(
         warmup_steps=plan.warmup_steps,
     )
     t0 = time.perf_counter()
-    state = build.initial_train_state(config, model, tx, num_classes)
+    state = initial_train_state(config, model, tx, num_classes)
     init_s = time.perf_counter() - t0
     # uint8 pixels cross to the device, normalised there, as the tf.data pipeline's do.
     norm = {"mean": None, "std": None}
@@ -399,7 +399,7 @@ def run_check(
         )
         host_rate = host_input_rate(fresh, batch_size, input_check_steps)
         # The Trainer's own compiled step (no second compilation) on a fresh state.
-        placed = trainer.placement.place(build.initial_train_state(config, model, tx, num_classes))
+        placed = trainer.placement.place(initial_train_state(config, model, tx, num_classes))
         device_rate = device_resident_rate(
             trainer.train_step,
             placed,

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks import common
     from configs import default
-    from mlcnc_jax import build, console, models, objective, optim, parallel, trainer
-    from mlcnc_jax.state import Schedule
+    from mlcnc_jax import console, models, objective, optim, parallel, trainer
+    from mlcnc_jax.state import Schedule, initial_train_state
 
     k, size = 4, args.image_size
     config = default.get_config()
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             yield batches[i % len(batches)]
             i += 1
 
-    fresh = build.initial_train_state(config, model, tx, k)
+    fresh = initial_train_state(config, model, tx, k)
     on_device = [placement.shard(b) for b in batches]
     step_fn = loop.train_step
 

@@ -2,7 +2,7 @@
 
 Every case runs the project's real training step (`mlcnc_jax.step.train_step`:
 forward, the configured losses two-way + FLA + FPC, backward, Adam with L2 decay,
-EMA, prototype statistics) on a `TrainState` from `build.initial_train_state`,
+EMA, prototype statistics) on a `TrainState` from `state.initial_train_state`,
 jit-compiled with the state donated, exactly as training does.
 
 * Full model: ResNet-50 + MLC-NC head at 224 px, for 20 and 80 classes. On CPU
@@ -89,6 +89,7 @@ def _jitted_step(config, model, tx, lr_schedule, num_classes: int):
     import numpy as np
 
     from mlcnc_jax import objective, step
+    from mlcnc_jax.models import get_family
 
     # No FLA-only warm-up and no end of epoch while timing: the full loss every step.
     # (Under jit both branches are computed anyway; this keeps the logged loss meaningful.)
@@ -100,6 +101,7 @@ def _jitted_step(config, model, tx, lr_schedule, num_classes: int):
         tx,
         loss_fn,
         lr_schedule,
+        family=get_family(config.model.name),
         steps_per_epoch=10**6,
         ema_decay=config.train.ema_decay,
     )
@@ -121,9 +123,9 @@ def _with_valid_prototypes(state, num_classes: int, dim: int):
 
 def _head_state(config, model, tx, num_classes: int, tokens):
     """A TrainState for the identity-backbone model (its input is a token map, not an image)."""
-    from mlcnc_jax import build
+    from mlcnc_jax.state import initial_train_state
 
-    return build.initial_train_state(config, model, tx, num_classes, example_input=tokens[:1])
+    return initial_train_state(config, model, tx, num_classes, example_input=tokens[:1])
 
 
 def _flops(cost) -> float | None:
@@ -163,8 +165,9 @@ def run_case(case: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from mlcnc_jax import build, optim
+    from mlcnc_jax import optim
     from mlcnc_jax.models import DTYPES, create_model
+    from mlcnc_jax.state import initial_train_state
 
     k, b, dtype = case["num_classes"], case["batch_size"], case["dtype"]
     rng = np.random.default_rng(0)
@@ -176,7 +179,7 @@ def run_case(case: dict) -> dict:
         config = _config(case["backbone"], dtype, case["image_size"])
         model = create_model(config, k)
         tx, lr_schedule = optim.create_optimizer(config, total_steps=10**6)
-        state = build.initial_train_state(config, model, tx, k)
+        state = initial_train_state(config, model, tx, k)
         size = case["image_size"]
         inputs = jnp.asarray(rng.standard_normal((b, size, size, 3)), jnp.float32)
     else:

@@ -207,8 +207,9 @@ def measure_step_flops(config: ml_collections.ConfigDict, num_classes: int) -> d
     import jax.numpy as jnp
     import numpy as np
 
-    from mlcnc_jax import build, objective, optim, step
-    from mlcnc_jax.models import create_model
+    from mlcnc_jax import objective, optim, step
+    from mlcnc_jax.models import create_model, get_family
+    from mlcnc_jax.state import initial_train_state
 
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: no pretrained file
     config.model.pretrained = ""
@@ -220,14 +221,22 @@ def measure_step_flops(config: ml_collections.ConfigDict, num_classes: int) -> d
         config.loss, objective.ClassStats(np.ones(k), num_train=1000), warmup_steps=1
     )
     train_step = step.compile_train_step(
-        model, tx, loss_fn, lr_schedule, steps_per_epoch=1000, ema_decay=config.train.ema_decay
+        model,
+        tx,
+        loss_fn,
+        lr_schedule,
+        family=get_family(config.model.name),
+        steps_per_epoch=1000,
+        ema_decay=config.train.ema_decay,
     )
-    state = jax.eval_shape(lambda: build.initial_train_state(config, model, tx, k))
+    state = jax.eval_shape(lambda: initial_train_state(config, model, tx, k))
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch, k), jnp.float32)
     t0 = time.perf_counter()
     train_cost = train_step.lower(state, {"image": images, "labels": labels}).compile()
-    eval_fn = jax.jit(functools.partial(step.eval_step, model=model))
+    eval_fn = jax.jit(
+        functools.partial(step.eval_step, model=model, family=get_family(config.model.name))
+    )
     eval_images = jax.ShapeDtypeStruct((eval_batch, size, size, 3), jnp.float32)
     eval_cost = eval_fn.lower(state.variables(), eval_images).compile()
     compile_s = time.perf_counter() - t0

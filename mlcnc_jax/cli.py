@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging as std_logging
 import os
 import sys
@@ -26,6 +25,7 @@ from absl import app, flags, logging
 from mlcnc_jax import run_config, storage
 from mlcnc_jax.config_files import resolve_config_argv
 from mlcnc_jax.errors import UserError
+from mlcnc_jax.results import RunResult
 from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 
 MODES = ["train", "eval", "predict", "data_stats", "plan"]
@@ -150,7 +150,21 @@ def _main(argv: list[str]) -> None:
     configure_logging(FLAGS.verbosity)
     program = os.path.basename(sys.argv[0])
     try:
-        _run_from_flags()
+        run(
+            FLAGS.config,
+            FLAGS.workdir,
+            FLAGS.mode,
+            multihost=FLAGS.multihost,
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+            resume=ResumeOptions(
+                allow_config_change=tuple(FLAGS.allow_config_change),
+                restore_step=FLAGS.restore_step,
+                force_unlock=FLAGS.force_unlock,
+            ),
+            overrides=run_config.command_line_overrides(sys.argv),
+        )
     except KeyboardInterrupt:
         # Ctrl-C ends a run as SIGTERM does: the lock is released on the way out, saved
         # checkpoints are whole (orbax renames a checkpoint into place when it is complete).
@@ -237,24 +251,6 @@ def describe_user_error(e: BaseException) -> str:
     return str(e)
 
 
-def _run_from_flags() -> None:
-    run(
-        FLAGS.config,
-        FLAGS.workdir,
-        FLAGS.mode,
-        multihost=FLAGS.multihost,
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes,
-        process_id=FLAGS.process_id,
-        resume=ResumeOptions(
-            allow_config_change=tuple(FLAGS.allow_config_change),
-            restore_step=FLAGS.restore_step,
-            force_unlock=FLAGS.force_unlock,
-        ),
-        overrides=run_config.command_line_overrides(sys.argv),
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `mlcnc` command and of run.py.
 
@@ -296,7 +292,7 @@ def run(
     wrap_batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
     resume: ResumeOptions = DEFAULT_RESUME,
     overrides: Sequence[str] | None = None,
-) -> dict | str:
+) -> RunResult | dict | str:
     """Runs one mode of the program.
 
     Args:
@@ -308,14 +304,14 @@ def run(
       num_processes: multi-host process count; None to auto-detect.
       process_id: this process's index; None to auto-detect.
       hooks: more trainer hooks (train mode; see `trainer.Hook`).
-      wrap_batches: wraps the training iterator (train mode; see `build.Experiment.train`).
+      wrap_batches: wraps the training iterator (train mode; see `experiment.Experiment.train`).
       resume: how a run in a workdir with checkpoints resumes (train mode).
       overrides: the config fields set on the command line; eval and predict start from
         the workdir's saved config and take only these (see `run_config.config_for_eval`;
         None: every field where `config` differs from the saved one).
 
     Returns:
-      The evaluation results (train, eval), the predictions path (predict),
+      The `results.RunResult` (train, eval), the predictions path (predict),
       the split statistics (data_stats) or the run's budget (plan).
 
     In a multi-process run an error on any process ends every process (exit code 1),
@@ -384,48 +380,32 @@ def _run(config, workdir, mode, hooks, wrap_batches, resume, overrides):
 
         return predict.predict(config, workdir)
 
-    from mlcnc_jax import build
+    from mlcnc_jax import experiment
 
     if mode not in ("train", "eval"):
         raise UserError(f"Unknown mode {mode!r}: use one of {MODES}.")
     # One run per workdir: a second one stops here, naming the holder.
     with workdir_lock.hold(workdir, process_index=jax.process_index(), force=resume.force_unlock):
         _prepare_data_on_process_0_first(config)
-        if mode == "train":
-            results = build.train_and_evaluate(
-                config, workdir, hooks=hooks, wrap_batches=wrap_batches, resume=resume
-            )
-        elif config.model.get("zero_shot", False):
+        if config.model.get("zero_shot", False):
             from mlcnc_jax import zero_shot
 
-            results = zero_shot.evaluate(config, workdir)
+            result = zero_shot.evaluate(config, workdir)
         else:
-            results = build.evaluate_checkpoint(config, workdir, resume)
-    if jax.process_index() == 0 and results:
-        summary = {
-            "step": results["step"],
-            "map_raw": results["raw"]["map"],
-            "map_ema": results["ema"]["map"],
-            "neural_collapse": results["raw"]["neural_collapse"],
-        }
+            run_ = experiment.build(config, workdir, hooks=hooks, resume=resume)
+            result = run_.train(wrap_batches) if mode == "train" else run_.evaluate()
+    if jax.process_index() == 0:
         from mlcnc_jax import console, reports
 
-        run_summary = reports.read_summary(workdir)
-        if (
-            run_summary
-            and run_summary["num_evaluations"] > 1
-            and run_summary["best_raw_on_test"]["map_raw"]["total"] is not None
-        ):
-            best = run_summary["best_raw_on_test"]
-            summary["best_raw_on_test"] = best
+        best = result.best_raw_on_test
+        if best is not None:
             console.say(
-                f"final step {results['step']}: raw mAP {results['raw']['map']['total']:.2f} | "
-                f"best of {run_summary['num_evaluations']} evaluations: step {best['step']}, "
-                f"raw mAP {best['map_raw']['total']:.2f} ({reports.SELECTED_ON_TEST})"
+                f"final step {result.final.step}: raw mAP {result.final.raw.map.total:.2f} | "
+                f"best of {result.num_evaluations} evaluations: step {best.step}, "
+                f"raw mAP {best.map_raw.total:.2f} ({reports.SELECTED_ON_TEST})"
             )
-        # Strict JSON: an empty group's mAP is null, never NaN.
-        print(json.dumps(reports.to_json(summary), allow_nan=False), flush=True)
-    return results
+        print(result.summary_line(), flush=True)
+    return result
 
 
 def _first_line(e: BaseException) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mlcnc_jax.results import Evaluation, GroupMAP
 from mlcnc_jax.trainer import Hook
 
 
@@ -53,10 +54,10 @@ def progress(iterable, desc: str):
         b.close()
 
 
-def format_map(m: dict) -> str:
+def format_map(m: GroupMAP) -> str:
     """'total 12.34 head 5.67 ...' (an empty group shows as 'n/a')."""
     return " ".join(
-        f"{k} n/a" if v is None or not np.isfinite(v) else f"{k} {v:.2f}" for k, v in m.items()
+        f"{k} n/a" if not np.isfinite(v) else f"{k} {v:.2f}" for k, v in m.as_dict().items()
     )
 
 
@@ -77,14 +78,14 @@ class Console(Hook):
     """The console of a run (process 0): summary, training bar, one line per evaluation.
 
     Args:
-      plan: the step plan.
+      steps: the run's step counts (`state.StepCounts`).
       global_batch: images per step.
       describe: what is trained, e.g. 'mlcnc (resnet_small) on synthetic_lt, 20 classes'.
       table_path: where the full parameter table is (named in the summary), or None.
     """
 
-    def __init__(self, plan, global_batch: int, describe: str = "", table_path: str | None = None):
-        self.plan = plan
+    def __init__(self, steps, global_batch: int, describe: str = "", table_path: str | None = None):
+        self.steps = steps
         self.global_batch = global_batch
         self.describe = describe
         self.table_path = table_path
@@ -92,7 +93,7 @@ class Console(Hook):
         self._t0 = None
 
     def on_start(self, state, start_step: int) -> None:
-        p = self.plan
+        p = self.steps
         if self.describe:
             say(f"Model: {self.describe}")
         say(
@@ -119,10 +120,10 @@ class Console(Hook):
         )
         self._bar.update(step - self._bar.n)
 
-    def on_eval(self, step: int, results: dict) -> None:
+    def on_eval(self, step: int, results: Evaluation) -> None:
         say(
-            f"step {step:>6} eval ({results.get('seconds', 0.0):.1f}s) | mAP raw "
-            f"{format_map(results['raw']['map'])} | EMA {format_map(results['ema']['map'])}"
+            f"step {step:>6} eval ({results.seconds:.1f}s) | mAP raw "
+            f"{format_map(results.raw.map)} | EMA {format_map(results.ema.map)}"
         )
 
     def on_end(self, step: int) -> None:

@@ -8,15 +8,18 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import jax
 import numpy as np
 from flax import linen as nn
 
 from mlcnc_jax import metrics, parallel
+from mlcnc_jax.models.families import ModelFamily
+from mlcnc_jax.results import Evaluation, GroupMAP, Scores
 from mlcnc_jax.state import TrainState
 from mlcnc_jax.step import eval_step
+
+PLAIN = ModelFamily()  # outputs 'logits' and per-image 'features'
 
 
 class Evaluator:
@@ -24,6 +27,8 @@ class Evaluator:
 
     Args:
       model: the model (built without a pmap axis).
+      family: its `models.ModelFamily` (which features the neural-collapse measures read;
+        default: a plain classifier's per-image 'features').
       batches: returns a fresh pass over the split in padded batches
         ({'image', 'labels', 'mask'}, e.g. `pipeline.eval_batches` or
         `arrays.eval_batches`).
@@ -39,6 +44,7 @@ class Evaluator:
         model: nn.Module,
         batches: Callable[[], Iterator[dict]],
         *,
+        family: ModelFamily = PLAIN,
         num_images: int,
         class_split: dict[str, list[int]],
         mesh: jax.sharding.Mesh,
@@ -50,8 +56,9 @@ class Evaluator:
         self.num_images = num_images
         self.class_split = class_split
         self.mesh = mesh
+        self.family = family
         norm = None if image_norm is None else tuple(map(tuple, image_norm))
-        one = functools.partial(eval_step, model=model, image_norm=norm)
+        one = functools.partial(eval_step, model=model, family=family, image_norm=norm)
         # Every weight set scores the same batch: the split is read and sent once.
         self._eval_step = jax.jit(
             lambda weights, images: {name: one(v, images) for name, v in weights.items()}
@@ -68,8 +75,8 @@ class Evaluator:
 
         Returns:
           {name: (scores [N,K], labels [N,K], pair features [M,D], pair labels [M,K])}:
-          the features of each positive (image, class) pair (or of each image and its
-          labels, for the baseline) for the neural-collapse measures.
+          the features whose neural collapse is measured and their labels
+          (`ModelFamily.pair_features`).
         """
         weights = parallel.replicate(weights, self.mesh)
         parts: dict[str, list] = {name: [] for name in weights}
@@ -92,49 +99,56 @@ class Evaluator:
             name: tuple(np.concatenate(p) for p in zip(*chunks)) for name, chunks in parts.items()
         }
 
-    @staticmethod
-    def _collect(parts: dict[str, list], out: dict, arrays: dict) -> None:
+    def _collect(self, parts: dict[str, list], out: dict, arrays: dict) -> None:
         mask = parallel.to_host(arrays["mask"]).astype(bool)
         y = parallel.to_host(arrays["labels"])[mask]
         for name, result in out.items():
             s = parallel.to_host(result["scores"])[mask]
             f = parallel.to_host(result["features"])[mask].astype(np.float32)
-            if f.ndim == 3:  # per (image, class): keep the positive pairs
-                b, c = np.nonzero(y)
-                f, fy = f[b, c], np.eye(y.shape[1], dtype=np.float32)[c]
-            else:
-                fy = y
-            parts[name].append((s, y, f, fy))
+            parts[name].append((s, y, *self.family.pair_features(f, y)))
 
-    def score(self, weights: dict[str, dict], step: int, desc: str = "eval") -> dict[str, Any]:
-        """mAP by group, per-class AP and the NC measures of each set of weights.
+    def score(self, weights: dict[str, dict], desc: str = "eval") -> dict[str, Scores]:
+        """mAP by group, per-class AP and the NC measures of each set of weights, in one pass.
 
         Args:
           weights: {name: the model's variables}, e.g. {'raw': ..., 'ema': ...}.
-          step: the step the weights are of (recorded in the results).
           desc: the progress bar's label.
 
         Returns:
-          {'step', name: {'map', 'ap', 'neural_collapse'} for each name,
-          'num_images_scored', 'num_images_expected', 'seconds'}.
+          {name: its `Scores`}.
+        """
+        scores = {}
+        for name, (s, labels, feats, feat_labels) in self.predict_scores(weights, desc).items():
+            if len(s) != self.num_images:
+                raise RuntimeError(f"Scored {len(s)} test images, expected {self.num_images}.")
+            scores[name] = Scores(
+                map=GroupMAP.from_dict(metrics.lt_map(s, labels, self.class_split)),
+                ap=metrics.average_precision(s, labels),
+                neural_collapse=metrics.neural_collapse(feats, feat_labels),
+            )
+        return scores
+
+    def evaluate(self, raw: dict, ema: dict | None, step: int, desc: str = "eval") -> Evaluation:
+        """The raw and the EMA weights of `step`, scored in one pass.
+
+        Args:
+          raw: the trained weights (the model's variables).
+          ema: their moving average; None scores `raw` alone and reports it as both
+            (weights that were never trained, e.g. zero-shot CLIP).
+          step: the step the weights are of.
+          desc: the progress bar's label.
         """
         t0 = time.time()
-        results: dict[str, Any] = {"step": int(step)}
-        for name, (scores, labels, feats, feat_labels) in self.predict_scores(
-            weights, desc
-        ).items():
-            if len(scores) != self.num_images:
-                raise RuntimeError(f"Scored {len(scores)} test images, expected {self.num_images}.")
-            results[name] = {
-                "map": metrics.lt_map(scores, labels, self.class_split),
-                "ap": metrics.average_precision(scores, labels),
-                "neural_collapse": metrics.neural_collapse(feats, feat_labels),
-            }
-        results["num_images_scored"] = int(len(scores))
-        results["num_images_expected"] = int(self.num_images)
-        results["seconds"] = time.time() - t0
-        return results
+        scores = self.score({"raw": raw} if ema is None else {"raw": raw, "ema": ema}, desc)
+        return Evaluation(
+            step=int(step),
+            raw=scores["raw"],
+            ema=scores.get("ema", scores["raw"]),
+            num_images_scored=self.num_images,
+            num_images_expected=self.num_images,
+            seconds=time.time() - t0,
+        )
 
-    def __call__(self, state: TrainState) -> dict[str, Any]:
-        """The raw and the EMA weights of `state`, scored in one pass (see `score`)."""
-        return self.score({"raw": state.variables(), "ema": state.ema_variables()}, int(state.step))
+    def __call__(self, state: TrainState) -> Evaluation:
+        """The raw and the EMA weights of `state`, scored in one pass (see `evaluate`)."""
+        return self.evaluate(state.variables(), state.ema_variables(), int(state.step))

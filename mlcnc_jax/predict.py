@@ -13,7 +13,7 @@ from absl import logging
 
 from mlcnc_jax import checkpoint, storage
 from mlcnc_jax.errors import UserError
-from mlcnc_jax.models import create_model
+from mlcnc_jax.models import create_model, get_family
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -88,7 +88,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
 
     workdir = storage.resolve(workdir)
     paths = list_inputs(config.predict.inputs)
-    if config.predict.attention_maps and config.model.name != "mlcnc":
+    if config.predict.attention_maps and not get_family(config.model.name).has_attention_maps:
         raise UserError("Attention maps need the MLC-NC model (config.model.name='mlcnc').")
     meta = checkpoint.Checkpointer(workdir, {}).read_meta()
     class_names = meta["model"]["class_names"]

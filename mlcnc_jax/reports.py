@@ -12,6 +12,7 @@ import numpy as np
 
 from mlcnc_jax import storage
 from mlcnc_jax.groups import COLOURS, group_of
+from mlcnc_jax.results import Evaluation
 
 
 def to_json(value: Any) -> Any:
@@ -34,7 +35,7 @@ def to_json(value: Any) -> Any:
 
 def write_eval_report(
     workdir: str,
-    results: dict,
+    results: Evaluation,
     *,
     class_names: Sequence[str],
     class_freq: np.ndarray,
@@ -47,7 +48,7 @@ def write_eval_report(
 
     Args:
       workdir: the run's directory.
-      results: the evaluation's results (see `evaluation.Evaluator`).
+      results: the evaluation.
       class_names: [K] class names.
       class_freq: [K] training images per class.
       class_split: the head/medium/tail class indices.
@@ -56,7 +57,7 @@ def write_eval_report(
         was scored (eval.max_images); recorded in the report. None: the whole split.
       suffix: added to the file names (e.g. '_subset_50', see `subset_suffix`).
     """
-    step = results["step"]
+    step = results.step
     groups = group_of(class_split, len(class_names))
     per_class = [
         {
@@ -64,21 +65,21 @@ def write_eval_report(
             "index": i,
             "train_images": int(class_freq[i]),
             "group": groups[i],
-            "ap_raw": results["raw"]["ap"][i],
-            "ap_ema": results["ema"]["ap"][i],
+            "ap_raw": results.raw.ap[i],
+            "ap_ema": results.ema.ap[i],
         }
         for i, name in enumerate(class_names)
     ]
     report = {
         "step": step,
         "dataset": dataset,
-        "num_images_scored": results["num_images_scored"],
-        "num_images_expected": results["num_images_expected"],
+        "num_images_scored": results.num_images_scored,
+        "num_images_expected": results.num_images_expected,
         "test_subset": subset,
-        "map_raw": results["raw"]["map"],
-        "map_ema": results["ema"]["map"],
-        "neural_collapse_raw": results["raw"]["neural_collapse"],
-        "neural_collapse_ema": results["ema"]["neural_collapse"],
+        "map_raw": results.raw.map.as_dict(),
+        "map_ema": results.ema.map.as_dict(),
+        "neural_collapse_raw": results.raw.neural_collapse,
+        "neural_collapse_ema": results.ema.neural_collapse,
         "class_split": class_split,
         "per_class": per_class,
     }
@@ -86,11 +87,11 @@ def write_eval_report(
     storage.write_text(path, json.dumps(to_json(report), indent=1, allow_nan=False))
     plot_ap_vs_frequency(
         storage.join(workdir, f"ap_vs_freq_{step}{suffix}.png"),
-        np.asarray(results["raw"]["ap"]),
+        np.asarray(results.raw.ap),
         class_freq,
         groups,
         class_names,
-        title=f"{dataset}, step {step}: per-class AP vs training images (mAP {results['raw']['map']['total']:.1f})",
+        title=f"{dataset}, step {step}: per-class AP vs training images (mAP {results.raw.map.total:.1f})",
     )
     return path
 
@@ -400,14 +401,12 @@ class RunReports:
         self.writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
         self.pending = []
 
-    def on_eval(self, step: int, results: dict) -> None:
+    def on_eval(self, step: int, results: Evaluation) -> None:
         self._write_train(step)
         scalars = {}
-        for name in ("raw", "ema"):
-            scalars.update({f"eval/{name}_map_{g}": v for g, v in results[name]["map"].items()})
-            scalars.update(
-                {f"eval/{name}_{k}": v for k, v in results[name]["neural_collapse"].items()}
-            )
+        for name, scores in (("raw", results.raw), ("ema", results.ema)):
+            scalars.update({f"eval/{name}_map_{g}": v for g, v in scores.map.as_dict().items()})
+            scalars.update({f"eval/{name}_{k}": v for k, v in scores.neural_collapse.items()})
         full_size = getattr(self.dataset, "full_test_size", None)
         subset = None if full_size is None else {"images": len(self.dataset.test), "of": full_size}
         # A quick look at part of the test split (eval.max_images) never replaces a report of

@@ -1,4 +1,4 @@
-"""The training state (plain data), the step plan of a run, and how to make a fresh state."""
+"""The training state (plain data), the step counts of a run, and a run's fresh state."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from mlcnc_jax.backbone_weights import load_pretrained, pretrained_path
 from mlcnc_jax.data import sampling
+from mlcnc_jax.models.families import get_family
 
 
 @flax.struct.dataclass
@@ -44,23 +46,31 @@ class TrainState:
 
 
 @flax.struct.dataclass
-class Schedule:
-    """Step counts of a run (its step plan), derived from the config and the training split."""
+class StepCounts:
+    """How many steps a run takes: per epoch, in all, and of loss warm-up.
+
+    Derived from the config and the training split (`step_counts`); the learning-rate
+    schedule (`optim`) and the cost estimate (`--mode=plan`) are other things.
+    """
 
     steps_per_epoch: int = flax.struct.field(pytree_node=False)
     total_steps: int = flax.struct.field(pytree_node=False)
     warmup_steps: int = flax.struct.field(pytree_node=False)
 
 
-def make_schedule(config: ml_collections.ConfigDict, train_labels: np.ndarray) -> Schedule:
-    """Steps per epoch (the sampler's epoch unless the config fixes it), total and warm-up steps."""
+def step_counts(config: ml_collections.ConfigDict, train_labels: np.ndarray) -> StepCounts:
+    """Steps per epoch (the sampler's epoch unless the config fixes it), total and warm-up steps.
+
+    Warm-up steps are the model family's (`ModelFamily.warmup_epochs`).
+    """
+
     if config.train.steps_per_epoch > 0:
         steps_per_epoch = int(config.train.steps_per_epoch)
     else:
         size = sampling.epoch_size(train_labels, config.data.sampling)
         steps_per_epoch = max(1, math.ceil(size / config.train.batch_size))
-    warmup_epochs = config.loss.warmup_epochs if config.model.name == "mlcnc" else 0
-    return Schedule(
+    warmup_epochs = get_family(config.model.name).warmup_epochs(config)
+    return StepCounts(
         steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * int(config.train.num_epochs),
         warmup_steps=steps_per_epoch * int(warmup_epochs),
@@ -107,3 +117,32 @@ def create_train_state(
         rng=rng,
     )
     return jax.tree.map(jnp.copy, state)
+
+
+def initial_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    num_classes: int,
+    example_input: jax.Array | None = None,
+) -> TrainState:
+    """The fresh state of a run: initialised weights (pre-trained backbone when configured).
+
+    Args:
+      config: the experiment config (seed, image size, pretrained, model family, proj_dim).
+      model: the model.
+      tx: the optimizer.
+      num_classes: K.
+      example_input: one input the model takes (default: a [1, S, S, 3] zero image).
+    """
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    if example_input is None:
+        size = config.data.image_size
+        example_input = jnp.zeros((1, size, size, 3), jnp.float32)
+    variables = init_variables(model, example_input, init_rng)
+    if pretrained_path(config):
+        variables = load_pretrained(
+            variables, pretrained_path(config), backbone=getattr(model, "backbone", None)
+        )
+    protos = get_family(config.model.name).initial_prototypes(config, num_classes)
+    return create_train_state(variables, tx, rng=state_rng, prototypes=protos)

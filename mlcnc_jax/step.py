@@ -12,11 +12,9 @@ import optax
 from flax import linen as nn
 
 from mlcnc_jax import prototypes
+from mlcnc_jax.models.families import ModelFamily
 from mlcnc_jax.objective import Objective
 from mlcnc_jax.state import TrainState
-
-# Outputs of the model that the losses read; the rest never leaves the step.
-LOSS_OUTPUTS = ("logits", "class_features", "projected")
 
 
 def normalize_images(
@@ -103,6 +101,7 @@ def train_step(
     batch: dict[str, jax.Array],
     *,
     model: nn.Module,
+    family: ModelFamily,
     tx: optax.GradientTransformation,
     loss_fn: Objective,
     lr_schedule: Callable,
@@ -123,6 +122,8 @@ def train_step(
       state: the training state.
       batch: {'image': [B, H, W, 3] (uint8 pixels or normalised floats), 'labels': [B, K]}.
       model: the model (`models.create_model`).
+      family: its `ModelFamily` (which outputs the losses read, whether it keeps
+        prototypes); the rest of the outputs never leaves the step.
       tx: the optimizer (`optim.create_optimizer`).
       loss_fn: the objective (`objective.make_objective`).
       lr_schedule: the learning-rate schedule (reported in the metrics).
@@ -156,13 +157,12 @@ def train_step(
                 rngs={"dropout": rng},
                 mutable=["batch_stats"],
             )
-        gathered = {k: outputs[k] for k in LOSS_OUTPUTS if k in outputs}
+        gathered = {k: outputs[k] for k in family.loss_outputs}
         all_labels = labels
         if axis_name is not None:
             gathered = jax.lax.all_gather(gathered, axis_name, tiled=True)
             all_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
-        if "label_embedding" in outputs:
-            gathered["label_embedding"] = outputs["label_embedding"]
+        gathered.update({k: outputs[k] for k in family.shared_outputs})
         total, terms = loss_fn(gathered, all_labels, prototypes=state.prototypes, step=state.step)
         return total, (total, terms, gathered, all_labels, mutated.get("batch_stats", {}))
 
@@ -176,7 +176,7 @@ def train_step(
     ema = ema_update(state.ema, {"params": params, "batch_stats": batch_stats}, ema_decay)
 
     protos = state.prototypes
-    if protos is not None:
+    if family.keeps_prototypes:
         protos = update_prototypes(
             protos, outputs["projected"], all_labels, state.step, steps_per_epoch
         )
@@ -185,9 +185,8 @@ def train_step(
         "loss": total,
         **{f"loss_{k}": v for k, v in terms.items()},
         "learning_rate": lr_schedule(state.step),
+        **family.step_metrics(params),
     }
-    if "logit_scale" in params:
-        step_metrics["logit_scale"] = jnp.reshape(params["logit_scale"], ())
 
     new_state = state.replace(
         step=state.step + 1,
@@ -206,6 +205,7 @@ def compile_train_step(
     loss_fn: Objective,
     lr_schedule: Callable,
     *,
+    family: ModelFamily,
     steps_per_epoch: int,
     ema_decay: float,
     axis_name: str | None = None,
@@ -218,6 +218,7 @@ def compile_train_step(
     step_fn = functools.partial(
         train_step,
         model=model,
+        family=family,
         tx=tx,
         loss_fn=loss_fn,
         lr_schedule=lr_schedule,
@@ -236,12 +237,12 @@ def eval_step(
     images: jax.Array,
     *,
     model: nn.Module,
+    family: ModelFamily,
     image_norm: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> dict[str, jax.Array]:
-    """Scores (sigmoid of the logits) and the features used for the neural-collapse measures."""
+    """Scores (sigmoid of the logits) and the family's features for the neural-collapse measures."""
     outputs = model.apply(variables, normalize_images(images, image_norm), train=False)
-    result = {"scores": jax.nn.sigmoid(outputs["logits"].astype(jnp.float32))}
-    result["features"] = (
-        outputs["class_features"] if "class_features" in outputs else outputs["features"]
-    )
-    return result
+    return {
+        "scores": jax.nn.sigmoid(outputs["logits"].astype(jnp.float32)),
+        "features": outputs[family.eval_features],
+    }

@@ -19,8 +19,10 @@ from absl import logging
 from flax import linen as nn
 
 from mlcnc_jax import parallel
+from mlcnc_jax.models.families import ModelFamily
 from mlcnc_jax.objective import Objective
-from mlcnc_jax.state import Schedule, TrainState
+from mlcnc_jax.results import Evaluation
+from mlcnc_jax.state import StepCounts, TrainState
 from mlcnc_jax.step import compile_train_step
 
 
@@ -56,22 +58,23 @@ class Hook:
         metrics are fetched (every `log_every_steps`, and before evaluations and saves).
         """
 
-    def on_eval(self, step: int, results: dict[str, Any]) -> None:
-        """After each evaluation (see `evaluation.Evaluator`)."""
+    def on_eval(self, step: int, results: Evaluation) -> None:
+        """After each evaluation."""
 
     def on_end(self, step: int) -> None:
         """After the last step."""
 
 
 class Trainer:
-    """Trains a state through a schedule, evaluating and checkpointing on the way.
+    """Trains a state for its step counts, evaluating and checkpointing on the way.
 
     Args:
       model: the model (`models.create_model`, with `placement.axis_name`).
+      family: its `models.ModelFamily`.
       tx: the optimizer.
       loss_fn: the objective (`objective.make_objective`).
       lr_schedule: the learning-rate schedule.
-      plan: the run's step plan.
+      steps: the run's step counts.
       evaluate: `evaluate(state) -> results` (e.g. an `evaluation.Evaluator`).
       placement: jit or pmap placement of the state and batches.
       ema_decay: decay of the weights' moving average.
@@ -95,11 +98,12 @@ class Trainer:
         self,
         *,
         model: nn.Module,
+        family: ModelFamily,
         tx: optax.GradientTransformation,
         loss_fn: Objective,
         lr_schedule: Callable,
-        plan: Schedule,
-        evaluate: Callable[[TrainState], dict],
+        steps: StepCounts,
+        evaluate: Callable[[TrainState], Evaluation],
         placement: parallel.Placement,
         ema_decay: float,
         checkpointer: Any = None,
@@ -109,10 +113,10 @@ class Trainer:
         log_every_steps: int = 1,
         prefetch: int = 2,
         image_norm: tuple[Sequence[float], Sequence[float]] | None = None,
-        select: Callable[[dict], float] = lambda r: r["raw"]["map"]["total"],
+        select: Callable[[Evaluation], float] = lambda r: r.raw.map.total,
         is_reported: Callable[[int], bool] | None = None,
     ):
-        self.plan = plan
+        self.steps = steps
         self.evaluate = evaluate
         self.placement = placement
         self.checkpointer = checkpointer
@@ -133,7 +137,8 @@ class Trainer:
             tx,
             loss_fn,
             lr_schedule,
-            steps_per_epoch=plan.steps_per_epoch,
+            family=family,
+            steps_per_epoch=steps.steps_per_epoch,
             ema_decay=ema_decay,
             axis_name=placement.axis_name,
             image_norm=image_norm,
@@ -145,21 +150,21 @@ class Trainer:
             if fn is not None:
                 fn(*args)
 
-    def run_eval(self, state: TrainState) -> dict:
+    def run_eval(self, state: TrainState) -> Evaluation:
         """Evaluates a host state and tells the hooks."""
         results = self.evaluate(state)
         self._call("on_eval", int(state.step), results)
         return results
 
     def _eval_due(self, step: int) -> bool:
-        return step % self.eval_every_steps == 0 or step == self.plan.total_steps
+        return step % self.eval_every_steps == 0 or step == self.steps.total_steps
 
     def _save(self, step: int, state: TrainState, score: float | None) -> None:
         if self.checkpointer is not None:
             self.checkpointer.save(step, state, score=score)
 
-    def train(self, state: TrainState, batches: Iterator[dict]) -> dict:
-        """Trains from `state.step` to the end of the plan.
+    def train(self, state: TrainState, batches: Iterator[dict]) -> Evaluation:
+        """Trains from `state.step` to the last step.
 
         The host never waits for a step's result before dispatching the next one: the
         step metrics stay on the devices and are fetched together every
@@ -173,22 +178,22 @@ class Trainer:
           batches: this host's training batches from step `state.step` on.
 
         Returns:
-          The last evaluation's results.
+          The last evaluation.
         """
-        plan = self.plan
+        counts = self.steps
         with on_host():
             start = int(state.step)
             self._call("on_start", state, start)
         logging.info(
             "Training %d steps (%d per epoch, warm-up %d) from step %d on %d device(s).",
-            plan.total_steps,
-            plan.steps_per_epoch,
-            plan.warmup_steps,
+            counts.total_steps,
+            counts.steps_per_epoch,
+            counts.warmup_steps,
             start,
             jax.device_count(),
         )
-        results = {}
-        if 0 < start < plan.total_steps and self._eval_due(start):
+        results = None
+        if 0 < start < counts.total_steps and self._eval_due(start):
             if self.is_reported is not None and not self.is_reported(start):
                 logging.warning("Step %d's evaluation has no report: running it first.", start)
                 with on_host():
@@ -198,13 +203,13 @@ class Trainer:
         device_batches = self.placement.prefetch(batches, self.prefetch)
         try:
             pending: list[tuple[int, dict]] = []  # (step, metrics still on the devices)
-            for step in range(start, plan.total_steps):
+            for step in range(start, counts.total_steps):
                 try:
                     batch = next(device_batches)
                 except StopIteration:
                     raise RuntimeError(
-                        f"The training iterator ended after step {step} of {plan.total_steps}: "
-                        "pass one that yields batches to the end of the plan (e.g. an infinite one)."
+                        f"The training iterator ended after step {step} of {counts.total_steps}: "
+                        "pass one that yields batches to the last step (e.g. an infinite one)."
                     ) from None
                 placed, step_metrics = self.train_step(placed, batch)
                 done = step + 1
@@ -215,7 +220,7 @@ class Trainer:
                     jax.block_until_ready(pending[-1 - self.prefetch][1]["loss"])
                 if self.sync_every_step:
                     jax.block_until_ready(step_metrics["loss"])
-                last = done == plan.total_steps
+                last = done == counts.total_steps
                 checkpoint_due = done % self.checkpoint_every_steps == 0 or last
                 eval_due = self._eval_due(done)
                 if not (done % self.log_every_steps == 0 or checkpoint_due or eval_due):
@@ -234,10 +239,10 @@ class Trainer:
             if self.checkpointer is not None:
                 # A run stopped early (an error, SIGTERM) still completes the saves it began.
                 self.checkpointer.wait_until_finished()
-        if start >= plan.total_steps:
+        if start >= counts.total_steps:
             with on_host():
                 results = self.run_eval(self.placement.unplace(placed))
-        self._call("on_end", max(start, plan.total_steps))
+        self._call("on_end", max(start, counts.total_steps))
         return results
 
     def _check_and_report(self, pending: list[tuple[int, dict]]) -> None:

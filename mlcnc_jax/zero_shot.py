@@ -17,8 +17,6 @@ raw and the EMA entries are the same weights.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,6 +25,7 @@ import ml_collections
 from mlcnc_jax import console, parallel, reports, storage
 from mlcnc_jax.evaluation import Evaluator
 from mlcnc_jax.models import clip, make_backbone, text_classifier, vit
+from mlcnc_jax.results import RunResult
 
 
 class ZeroShotCLIP(nn.Module):
@@ -71,7 +70,7 @@ def clip_backbone(config: ml_collections.ConfigDict) -> vit.ViT:
     return backbone
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     """Scores the test split zero-shot and writes the reports of a trained run's evaluation.
 
     Args:
@@ -80,7 +79,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         workdir: where eval_0.json, its plot, summary.json and the class text embeddings go.
 
     Returns:
-        The evaluation results, as `Evaluator.__call__` returns them (step 0).
+        The run's result: the evaluation of step 0 (CLIP's weights as both raw and EMA).
 
     Raises:
         FileNotFoundError: missing weights (before any data is read).
@@ -137,8 +136,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"Zero-shot {config.model.backbone} from {weights} on {dataset.name}: "
             f"{dataset.num_classes} classes, {len(dataset.test)} test images"
         )
-    results = evaluator.score({"raw": variables}, step=0, desc="zero-shot")
-    results["ema"] = results["raw"]  # no training: the raw and the EMA weights are CLIP's
+    # No training: the raw and the EMA weights are CLIP's.
+    results = evaluator.evaluate(variables, None, step=0, desc="zero-shot")
+    summary = None
     if is_main:
         reports.write_eval_report(
             workdir,
@@ -148,6 +148,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             class_split=dataset.class_split,
             dataset=dataset.name,
         )
-        reports.write_run_summary(workdir, total_steps=0)
-        console.say(f"zero-shot mAP {results['raw']['map']['total']:.2f}")
-    return results
+        summary = reports.write_run_summary(workdir, total_steps=0)
+        console.say(f"zero-shot mAP {results.raw.map.total:.2f}")
+    return RunResult.from_summary(results, summary)

@@ -164,8 +164,8 @@ def main() -> None:
         "process_count": jax.process_count(),
         "local_device_count": jax.local_device_count(),
         "device_count": jax.device_count(),
-        "final_step": results["step"],
-        "ap_raw": [float(x) for x in results["raw"]["ap"]],
+        "final_step": results.final.step,
+        "ap_raw": [float(x) for x in results.final.raw.ap],
         "writes": writes,
         **seen,
     }

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from configs import coco_lt, default, voc_lt
-from mlcnc_jax import budget, build, cli, optim, plan
+from mlcnc_jax import budget, cli, optim, plan
 from mlcnc_jax.models import create_model
+from mlcnc_jax.state import initial_train_state
 
 
 def test_budget_is_flops_over_sustained_rate_plus_writes_over_bandwidth():
@@ -180,7 +181,7 @@ def test_measured_state_bytes_are_the_real_states(tmp_path):
     measured = budget.measure_step_flops(config, num_classes=6)
     model = create_model(config, 6)
     tx, _ = optim.create_optimizer(config, total_steps=100)
-    state = build.initial_train_state(config, model, tx, 6)
+    state = initial_train_state(config, model, tx, 6)
     assert measured["state_bytes"] == sum(x.nbytes for x in jax.tree.leaves(state))
     assert measured["key"] == budget.model_key(config, 6)
     # Training an image costs about 3x scoring it (forward + two backward products).

@@ -12,8 +12,9 @@ import pytest
 from test_recipes import _tree
 
 from configs import ablations, coco_lt, coco_lt_clip, recipes, voc_lt, voc_lt_clip
-from mlcnc_jax import backbone_weights, build, checkpoint, cli, config_checks, models, optim
+from mlcnc_jax import backbone_weights, checkpoint, cli, config_checks, models, optim
 from mlcnc_jax.models import clip, vit
+from mlcnc_jax.state import initial_train_state
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -243,7 +244,7 @@ def test_clip_weights_reach_the_backbone_and_nothing_else(tmp_path, tiny_clip):
     c = _tiny(voc_lt_clip.get_config(), root, weights)
     model = models.create_model(c, len(freq))
     tx, _ = optim.create_optimizer(c, total_steps=8)
-    state = build.initial_train_state(c, model, tx, len(freq))
+    state = initial_train_state(c, model, tx, len(freq))
     got, want = _flat(state.params["backbone"]), _flat(converted)
     assert got.keys() == want.keys()
     for key in want:
@@ -251,17 +252,18 @@ def test_clip_weights_reach_the_backbone_and_nothing_else(tmp_path, tiny_clip):
     # The configured module's architecture is checked (heads: what shapes cannot show).
     wrong = models.create_model(c, len(freq), backbone=vit.ViT(**{**TINY, "num_heads": 2}))
     with pytest.raises(ValueError, match="heads: weights 1 vs backbone 2"):
-        build.initial_train_state(c, wrong, tx, len(freq))
+        initial_train_state(c, wrong, tx, len(freq))
 
 
 # ------------------------------------------------------------------ end to end
 
 
 def _assert_trained(results, work, test_images):
-    assert results["step"] == 4
-    assert results["num_images_scored"] == results["num_images_expected"] == test_images
-    for name in ("raw", "ema"):
-        assert 0 < results[name]["map"]["total"] <= 100
+    final = results.final
+    assert final.step == 4
+    assert final.num_images_scored == final.num_images_expected == test_images
+    for scores in (final.raw, final.ema):
+        assert 0 < scores.map.total <= 100
     assert sorted(p.name for p in work.glob("eval_*.json")) == ["eval_2.json", "eval_4.json"]
 
 
@@ -341,7 +343,7 @@ def test_coco_lt_clip_trains_end_to_end_frozen_with_the_text_classifier_from_cla
     # (As `mlcnc --mode=eval --workdir=...` with no overrides: the saved config is used.)
     fresh = _tiny(coco_lt_clip.get_config("paper"), root, weights)
     again = cli.run(fresh, str(work), "eval", overrides=[])
-    assert again["step"] == 4 and again["num_images_scored"] == 5
+    assert again.final.step == 4 and again.final.num_images_scored == 5
     # ... and so does prediction.
     fresh.predict.inputs = str(next(iter(sorted(root.rglob("*.jpg")))))
     out = cli.run(fresh, str(work), "predict", overrides=["predict.inputs"])

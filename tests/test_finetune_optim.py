@@ -18,8 +18,10 @@ import optax
 import pytest
 
 from configs import default, voc_lt
-from mlcnc_jax import build, config_checks, models, objective, optim, step
+from mlcnc_jax import config_checks, models, objective, optim, step
+from mlcnc_jax.models.families import get_family
 from mlcnc_jax.models.vit import ViT
+from mlcnc_jax.state import initial_train_state
 
 torch = pytest.importorskip("torch")
 
@@ -296,10 +298,12 @@ def test_a_frozen_backbone_stays_put_while_the_head_trains(optimizer):
     c = _tiny_vit_config(optimizer)
     model = models.create_model(c, K, backbone=_tiny_vit())
     tx, lr = optim.create_optimizer(c, total_steps=20)
-    state = build.initial_train_state(c, model, tx, K)
+    state = initial_train_state(c, model, tx, K)
     before = jax.tree.map(np.asarray, state.params)
     loss_fn = objective.make_objective(c.loss, objective.ClassStats(np.array([4, 3, 2]), 6))
-    train_step = step.compile_train_step(model, tx, loss_fn, lr, steps_per_epoch=5, ema_decay=0.9)
+    train_step = step.compile_train_step(
+        model, tx, loss_fn, lr, family=get_family("mlcnc"), steps_per_epoch=5, ema_decay=0.9
+    )
     r = np.random.default_rng(0)
     for _ in range(3):
         labels = np.eye(K, dtype=np.float32)[np.arange(6) % K]

@@ -26,7 +26,7 @@ import pytest
 from multihost_worker import instrument
 from test_train import tiny_config
 
-from mlcnc_jax import build, checkpoint, cli, parallel
+from mlcnc_jax import checkpoint, cli, experiment, parallel
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 # 4 steps: an epoch of FLA warm-up, then an epoch of the full loss; checkpoints at steps 2
@@ -149,8 +149,8 @@ def reference(data_root, tmp_path_factory):
     config = tiny_config(data_root, **OVERRIDES)
     seen, run_kwargs = instrument()
     results = cli.run(config, workdir, "train", **run_kwargs)
-    experiment = build.build(config, workdir)
-    state = experiment.initial_state()  # the last checkpoint: step 4
+    run = experiment.build(config, workdir)
+    state = run.initial_state()  # the last checkpoint: step 4
     assert int(state.step) == STEPS
     return {
         "config": config,
@@ -158,7 +158,7 @@ def reference(data_root, tmp_path_factory):
         "seen": seen,
         "results": results,
         "state": state,
-        "fingerprint": experiment.checkpointer.fingerprint,
+        "fingerprint": run.checkpointer.fingerprint,
     }
 
 
@@ -209,7 +209,7 @@ def check_run(records, reference, workdir, *, num_processes, local_devices, firs
         np.testing.assert_allclose(r["losses"], seen["losses"][first_step:], rtol=TOL, atol=TOL)
         # Test-set scores (the tiny config's 256 evaluation images, over all hosts) give the same
         # per-class AP. (A 4-step model's scores are nearly tied, so rounding reorders a few.)
-        np.testing.assert_allclose(r["ap_raw"], reference["results"]["raw"]["ap"], atol=1e-3)
+        np.testing.assert_allclose(r["ap_raw"], reference["results"].final.raw.ap, atol=1e-3)
 
     # Each host read only its own contiguous slice of the single-process global batch.
     host_rows = 16 // num_processes

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from configs import default
-from mlcnc_jax import build, checkpoint, optim, predict
+from mlcnc_jax import checkpoint, optim, predict
 from mlcnc_jax.data import pipeline
 from mlcnc_jax.models import create_model
+from mlcnc_jax.state import initial_train_state
 
 NAMES = ["cat", "dog", "car", "tree", "boat"]
 
@@ -27,7 +28,7 @@ def _saved_model(tmp_path, step=3):
     c.model.logit_scale_init = 16.0  # scores spread on both sides of 0.5
     model = create_model(c, len(NAMES))
     tx, _ = optim.create_optimizer(c, total_steps=10)
-    state = build.initial_train_state(c, model, tx, len(NAMES))
+    state = initial_train_state(c, model, tx, len(NAMES))
     workdir = str(tmp_path / "run")
     checkpoint.Checkpointer(
         workdir, checkpoint.model_fingerprint(c, NAMES), asynchronous=False

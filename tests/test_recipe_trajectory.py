@@ -43,10 +43,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from configs import voc_lt  # noqa: E402
-from mlcnc_jax import build, objective, optim  # noqa: E402
+from mlcnc_jax import objective, optim  # noqa: E402
 from mlcnc_jax import state as state_lib  # noqa: E402
 from mlcnc_jax import step as step_lib  # noqa: E402
 from mlcnc_jax.models import create_model  # noqa: E402
+from mlcnc_jax.models.families import get_family  # noqa: E402
+from mlcnc_jax.state import initial_train_state  # noqa: E402
 
 K, D, P, HEADS, B = 6, 32, 4, 4, 8
 STEPS_PER_EPOCH, EPOCHS, WARMUP_EPOCHS = 5, 3, 1
@@ -124,10 +126,10 @@ def run_jax(config, batches) -> dict:
        'params', 'ema', 'prototypes' after the last step (numpy)}.
     """
     model = create_model(config, K, backbone=PatchBackbone())
-    schedule = state_lib.make_schedule(config, np.ones((1, K), np.float32))
+    schedule = state_lib.step_counts(config, np.ones((1, K), np.float32))
     tx, lr_schedule = optim.create_optimizer(config, schedule.total_steps)
     beta1 = optim.beta1_schedule(config, schedule.total_steps)
-    state = build.initial_train_state(config, model, tx, K)
+    state = initial_train_state(config, model, tx, K)
     init = jax.device_get({"params": state.params, "etf": state.etf})
     loss_fn = objective.make_objective(
         config.loss,
@@ -139,6 +141,7 @@ def run_jax(config, batches) -> dict:
         tx,
         loss_fn,
         lr_schedule,
+        family=get_family(config.model.name),
         steps_per_epoch=schedule.steps_per_epoch,
         ema_decay=config.train.ema_decay,
     )

@@ -417,21 +417,18 @@ def test_recipe_trains_end_to_end_on_fake_tree(tmp_path, dataset, recipe):
     root, freq = _tree(tmp_path, dataset)
     config = _tiny((voc_lt if dataset == "voc_lt" else coco_lt).get_config(recipe), root)
     results = cli.run(config, str(tmp_path / "work"), "train")
-    assert results["step"] == 4
-    assert (
-        results["num_images_scored"]
-        == results["num_images_expected"]
-        == (6 if dataset == "voc_lt" else 5)
-    )
-    for name in ("raw", "ema"):
-        assert 0 < results[name]["map"]["total"] <= 100
+    final = results.final
+    assert final.step == 4
+    assert final.num_images_scored == final.num_images_expected == (6 if dataset == "voc_lt" else 5)
+    for scores in (final.raw, final.ema):
+        assert 0 < scores.map.total <= 100
     work = tmp_path / "work"
     assert sorted(p.name for p in work.glob("eval_*.json")) == ["eval_2.json", "eval_4.json"]
     # Final and best-on-test numbers side by side, the latter labelled as test-selected.
     summary = json.loads((work / "summary.json").read_text())
     assert summary["final"]["step"] == 4 and summary["complete"] is True
     assert summary["final"]["map_raw"] == json.loads(
-        json.dumps(reports.to_json(results["raw"]["map"]))
+        json.dumps(reports.to_json(final.raw.map.as_dict()))
     )
     evals = {s: json.loads((work / f"eval_{s}.json").read_text()) for s in (2, 4)}
     best = max((2, 4), key=lambda s: evals[s]["map_raw"]["total"])

@@ -48,14 +48,14 @@ def test_resume_reports_a_lost_evaluation_and_checks_the_config(data_root, tmp_p
     again = json.loads((work / "eval_3.json").read_text())
     assert again["map_raw"] == saved_report["map_raw"]
     assert again["per_class"] == saved_report["per_class"]
-    assert (work / "ap_vs_freq_3.png").exists() and results["step"] == 6
+    assert (work / "ap_vs_freq_3.png").exists() and results.final.step == 6
 
     # Extending the run on purpose: allowed, recorded, and the saved config follows.
     longer = _config(data_root, **{"train.num_epochs": 3})
     with pytest.raises(run_config.ConfigChangedError, match="train.num_epochs"):
         cli.run(longer, str(work), "train")
     allow = ResumeOptions(allow_config_change=("train.num_epochs",))
-    assert cli.run(longer, str(work), "train", resume=allow)["step"] == 9
+    assert cli.run(longer, str(work), "train", resume=allow).final.step == 9
     change = json.loads((work / "config_changes.jsonl").read_text().splitlines()[-1])
     assert change["step"] == 6 and change["changes"]["train.num_epochs"] == {"saved": 2, "now": 3}
     assert json.loads((work / "config.json").read_text())["config"]["train"]["num_epochs"] == 3
@@ -64,10 +64,10 @@ def test_resume_reports_a_lost_evaluation_and_checks_the_config(data_root, tmp_p
     plain = default.get_config()
     plain.data.root = data_root
     evaluated = cli.run(plain, str(work), "eval", overrides=["data.root"])
-    assert evaluated["step"] == 9
+    assert evaluated.final.step == 9
     np.testing.assert_allclose(
         json.loads((work / "eval_9.json").read_text())["map_raw"]["total"],
-        evaluated["raw"]["map"]["total"],
+        evaluated.final.raw.map.total,
     )
     plain.model.proj_dim = 8
     with pytest.raises(ValueError, match=r"--config.model.proj_dim=8, trained with 4"):

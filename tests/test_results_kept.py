@@ -57,12 +57,12 @@ def test_a_subset_eval_never_replaces_the_run_reports(trained, data_root, tmp_pa
     plain.data.root = data_root
     plain.eval.max_images = 50
     results = cli.run(plain, str(work), "eval", overrides=["data.root", "eval.max_images"])
-    assert results["num_images_scored"] == 50
+    assert results.final.num_images_scored == 50
     assert (work / "eval_6.json").read_bytes() == report
     assert (work / "summary.json").read_bytes() == summary
     quick = json.loads((work / "eval_6_subset_50.json").read_text())
     assert quick["test_subset"] == {"images": 50, "of": 2400}
-    assert quick["map_raw"]["total"] == pytest.approx(results["raw"]["map"]["total"])
+    assert quick["map_raw"]["total"] == pytest.approx(results.final.raw.map.total)
     assert (work / "ap_vs_freq_6_subset_50.png").exists()
     # The run's own reports say which part of the split they scored.
     assert json.loads(report)["test_subset"] == {"images": 256, "of": 2400}

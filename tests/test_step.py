@@ -13,7 +13,9 @@ import pytest
 from flax import linen as nn
 
 from configs import default
-from mlcnc_jax import build, losses, objective, optim, prototypes, step
+from mlcnc_jax import losses, objective, optim, prototypes, step
+from mlcnc_jax.models.families import get_family
+from mlcnc_jax.state import initial_train_state
 
 K, D, P, B = 3, 8, 4, 6
 
@@ -101,7 +103,7 @@ def tiny_model_and_state(c, warmup_steps=0):
 
     model = create_model(c, K, backbone=Pixels())
     tx, lr = optim.create_optimizer(c, total_steps=100)
-    state = build.initial_train_state(c, model, tx, K)
+    state = initial_train_state(c, model, tx, K)
     loss_fn = objective.make_objective(
         c.loss, objective.ClassStats(np.array([5, 3, 1]), 8), warmup_steps=warmup_steps
     )
@@ -118,7 +120,9 @@ def batch(seed):
 def test_prototypes_become_valid_exactly_at_the_end_of_an_epoch():
     c = small_config()
     model, tx, lr, loss_fn, state = tiny_model_and_state(c)
-    train_step = step.compile_train_step(model, tx, loss_fn, lr, steps_per_epoch=3, ema_decay=0.9)
+    train_step = step.compile_train_step(
+        model, tx, loss_fn, lr, family=get_family("mlcnc"), steps_per_epoch=3, ema_decay=0.9
+    )
     valid = []
     for s in range(4):
         state, _ = train_step(state, batch(s))
@@ -132,7 +136,9 @@ def test_one_ema_step_follows_its_formula():
     c = small_config()
     model, tx, lr, loss_fn, state = tiny_model_and_state(c)
     before = jax.tree.map(np.asarray, state.ema)
-    train_step = step.compile_train_step(model, tx, loss_fn, lr, steps_per_epoch=3, ema_decay=0.9)
+    train_step = step.compile_train_step(
+        model, tx, loss_fn, lr, family=get_family("mlcnc"), steps_per_epoch=3, ema_decay=0.9
+    )
     state, _ = train_step(state, batch(0))
     after = {"params": state.params, "batch_stats": state.batch_stats}
     want = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * np.asarray(p), before, after)
@@ -148,7 +154,9 @@ def test_one_ema_step_follows_its_formula():
 def test_train_step_warmup_uses_fla_alone_then_the_weighted_sum():
     c = small_config()
     model, tx, lr, loss_fn, state = tiny_model_and_state(c, warmup_steps=2)
-    train_step = step.compile_train_step(model, tx, loss_fn, lr, steps_per_epoch=2, ema_decay=0.9)
+    train_step = step.compile_train_step(
+        model, tx, loss_fn, lr, family=get_family("mlcnc"), steps_per_epoch=2, ema_decay=0.9
+    )
     for s in range(4):
         state, m = train_step(state, batch(s))
         m = {k: float(v) for k, v in m.items()}

@@ -16,9 +16,11 @@ import pytest
 from flax import linen as nn
 
 from configs import default
-from mlcnc_jax import build, config_checks, models, objective, optim, step
+from mlcnc_jax import config_checks, models, objective, optim, step
 from mlcnc_jax.etf import gram_frame, simplex_etf
+from mlcnc_jax.models.families import get_family
 from mlcnc_jax.models.vit import ViT
+from mlcnc_jax.state import initial_train_state
 
 K, P, B = 4, 3, 6
 
@@ -81,7 +83,7 @@ def test_text_classifier_has_the_text_geometry_and_stays_frozen(tmp_path):
     c = _config(_write(tmp_path, raw))
     model = models.create_model(c, K, backbone=Pixels())
     tx, lr = optim.create_optimizer(c, total_steps=10)
-    state = build.initial_train_state(c, model, tx, K)
+    state = initial_train_state(c, model, tx, K)
     assert "classifier" in state.etf and "classifier" not in state.params
     v = np.asarray(state.etf["classifier"])
     assert v.shape == (K * P, K)
@@ -91,7 +93,9 @@ def test_text_classifier_has_the_text_geometry_and_stays_frozen(tmp_path):
     assert all(leaf.shape != (K * P, K) for leaf in jax.tree.leaves(state.opt_state))
 
     loss_fn = objective.make_objective(c.loss, objective.ClassStats(np.array([4, 3, 2, 1]), 6))
-    train_step = step.compile_train_step(model, tx, loss_fn, lr, steps_per_epoch=5, ema_decay=0.9)
+    train_step = step.compile_train_step(
+        model, tx, loss_fn, lr, family=get_family("mlcnc"), steps_per_epoch=5, ema_decay=0.9
+    )
     r = np.random.default_rng(1)
     before = np.asarray(state.params["proj_kernel"])
     for _ in range(2):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from mlcnc_jax import build, checkpoint, cli
+from mlcnc_jax import checkpoint, cli, experiment
 
 
 def tiny_config(data_root: str, **overrides):
@@ -86,15 +86,14 @@ def test_train_evaluate_resume_predict(data_root, tmp_path):
     assert checkpoint.Checkpointer(str(tmp_path / "resumed"), {}).latest_step() == 4
     resumed = cli.run(config, str(tmp_path / "resumed"), "train")
     for name in ("raw", "ema"):
-        for group, value in full[name]["map"].items():
-            np.testing.assert_allclose(
-                resumed[name]["map"][group], value, atol=1e-6, equal_nan=True
-            )
-        np.testing.assert_allclose(resumed[name]["ap"], full[name]["ap"], atol=1e-6)
+        want, got = getattr(full.final, name), getattr(resumed.final, name)
+        for group, value in want.map.as_dict().items():
+            np.testing.assert_allclose(got.map.as_dict()[group], value, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(got.ap, want.ap, atol=1e-6)
 
     # --mode=eval scores the latest checkpoint the same way.
     evaluated = cli.run(config, str(workdir), "eval")
-    np.testing.assert_allclose(evaluated["raw"]["ap"], full["raw"]["ap"], atol=1e-6)
+    np.testing.assert_allclose(evaluated.final.raw.ap, full.final.raw.ap, atol=1e-6)
 
     # --mode=predict on image files, with attention maps.
     images = tmp_path / "images"
@@ -119,13 +118,13 @@ def test_train_evaluate_resume_predict(data_root, tmp_path):
 
 
 def step_losses(config, workdir, steps):
-    experiment = build.build(config, str(workdir))
-    placement = experiment.placement
-    state = placement.place(experiment.initial_state())
-    batches = experiment.train_batches()
+    run = experiment.build(config, str(workdir))
+    placement = run.placement
+    state = placement.place(run.initial_state())
+    batches = run.batches(0)
     out = []
     for _ in range(steps):
-        state, m = experiment.trainer.train_step(state, placement.shard(next(batches)))
+        state, m = run.trainer.train_step(state, placement.shard(next(batches)))
         out.append(float(np.asarray(m["loss"]).reshape(-1)[0]))
     return out, placement.unplace(state)
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from test_train import poison_batch, tiny_config
 
-from mlcnc_jax import build, checkpoint, cli, parallel, trainer
+from mlcnc_jax import checkpoint, cli, experiment, parallel, trainer
+from mlcnc_jax.state import initial_train_state
 from mlcnc_jax.step import normalize_images
 
 
@@ -88,19 +89,19 @@ def test_nothing_leaves_the_devices_between_log_points(data_root, tmp_path, monk
             assert isinstance(metrics["loss"], float)  # on the host, as hooks expect
             steps_seen.append(step)
 
-    experiment = build.build(config, str(tmp_path), hooks=[Record()])
+    run = experiment.build(config, str(tmp_path), hooks=[Record()])
     # Any fetch from a device outside the loop's host points (metrics, evaluation,
     # checkpoints, hooks) raises, explicit or implicit (float(), np.asarray, printing).
-    state = experiment.initial_state(training=True)
-    batches = experiment.train_batches(int(state.step))
+    state = run.initial_state(training=True)
+    batches = run.batches(int(state.step))
     refused = _guard_device_fetches(monkeypatch)
     with jax.transfer_guard_device_to_host("disallow_explicit"):
-        results = experiment.trainer.train(state, batches)
+        results = run.trainer.train(state, batches)
     monkeypatch.undo()
     assert not refused
     assert sizes == [4, 2, 2, 4]
     assert steps_seen == list(range(1, 13))
-    assert results["step"] == 12
+    assert results.step == 12
     assert checkpoint.Checkpointer(str(tmp_path), {}).steps() == [6, 12]
 
 
@@ -219,9 +220,11 @@ def test_kill_during_an_asynchronous_save_resumes_to_the_same_numbers(data_root,
 
     resumed = cli.run(config, str(work), "train")
     for name in ("raw", "ema"):
-        np.testing.assert_allclose(resumed[name]["ap"], full[name]["ap"], atol=1e-6)
-        for group, value in full[name]["map"].items():
-            np.testing.assert_allclose(resumed[name]["map"][group], value, atol=1e-6)
+        got, want = getattr(resumed.final, name), getattr(full.final, name)
+        np.testing.assert_allclose(got.ap, want.ap, atol=1e-6)
+        np.testing.assert_allclose(
+            list(got.map.as_dict().values()), list(want.map.as_dict().values()), atol=1e-6
+        )
     assert (
         json.loads((work / "eval_6.json").read_text())["map_raw"]
         == json.loads((tmp_path / "full" / "eval_6.json").read_text())["map_raw"]
@@ -238,14 +241,14 @@ def test_evaluation_reads_the_split_once_for_the_raw_and_the_ema_weights():
     from mlcnc_jax import optim
     from mlcnc_jax.data import arrays
     from mlcnc_jax.evaluation import Evaluator
-    from mlcnc_jax.models import create_model
+    from mlcnc_jax.models import create_model, get_family
 
     c = default.get_config()
     c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 16, 4, 2
     k, n = 5, 20
     model = create_model(c, k)
     tx, _ = optim.create_optimizer(c, total_steps=10)
-    state = build.initial_train_state(c, model, tx, k)
+    state = initial_train_state(c, model, tx, k)
     # EMA weights unlike the raw ones, so that mixing them up shows.
     state = state.replace(ema=jax.tree.map(lambda x: x * 0.5, state.ema))
     rng = np.random.default_rng(0)
@@ -261,6 +264,7 @@ def test_evaluation_reads_the_split_once_for_the_raw_and_the_ema_weights():
     evaluator = Evaluator(
         model,
         batches,
+        family=get_family(c.model.name),
         num_images=n,
         class_split={"head": [0, 1], "medium": [2], "tail": [3, 4]},
         mesh=parallel.make_mesh(),
@@ -269,9 +273,9 @@ def test_evaluation_reads_the_split_once_for_the_raw_and_the_ema_weights():
     both = evaluator(state)
     assert len(passes) == 1
     alone = {
-        "raw": evaluator.score({"raw": state.variables()}, step=0)["raw"],
-        "ema": evaluator.score({"ema": state.ema_variables()}, step=0)["ema"],
+        "raw": evaluator.score({"raw": state.variables()})["raw"],
+        "ema": evaluator.score({"ema": state.ema_variables()})["ema"],
     }
-    for name in ("raw", "ema"):
-        np.testing.assert_allclose(both[name]["ap"], alone[name]["ap"], atol=1e-6)
-    assert not np.allclose(both["raw"]["ap"], both["ema"]["ap"], equal_nan=True)
+    for name, scores in (("raw", both.raw), ("ema", both.ema)):
+        np.testing.assert_allclose(scores.ap, alone[name].ap, atol=1e-6)
+    assert not np.allclose(both.raw.ap, both.ema.ap, equal_nan=True)

@@ -43,7 +43,7 @@ def test_the_gpu_check_trains_through_the_trainer_with_tensorflow_blocked():
         import json
         import numpy as np
         import benchmarks.gpu_train_check as check
-        import mlcnc_jax.build, mlcnc_jax.trainer, mlcnc_jax.step, mlcnc_jax.predict  # noqa
+        import mlcnc_jax.experiment, mlcnc_jax.trainer, mlcnc_jax.step, mlcnc_jax.predict  # noqa
 
         data = check.random_data(16, num_classes=4, n=16)
         r = check.run_check(
@@ -68,7 +68,7 @@ def test_prediction_imports_no_training_module():
         training = sorted(
             m for m in sys.modules
             if m in ("mlcnc_jax.trainer", "mlcnc_jax.step", "mlcnc_jax.optim",
-                     "mlcnc_jax.objective", "mlcnc_jax.build", "mlcnc_jax.state")
+                     "mlcnc_jax.objective", "mlcnc_jax.experiment", "mlcnc_jax.state")
         )
         assert not training, training
         """

@@ -68,7 +68,7 @@ def test_zero_shot_scores_cosines_from_class_names_alone(module, name, test_imag
     config, freq = _zero_shot_config(module, name, tmp_path, weights)
     work = tmp_path / "zero_shot"
     results = cli.run(config, str(work), "eval")
-    assert results["step"] == 0 and results["num_images_scored"] == test_images
+    assert results.final.step == 0 and results.final.num_images_scored == test_images
     # The class names went through the text tower; the stored array is the classifier.
     text = np.load(work / "class_text_embeddings.npy")
     assert text.shape == (len(freq), TINY["output_dim"])

@@ -22,12 +22,14 @@ class Split:
 
     Attributes:
       images: per image, either a file path (str) or the encoded image (bytes,
-        JPEG or PNG). All entries of one split have the same kind.
+        JPEG or PNG), all of one kind; or the decoded pixels of every image as one
+        [N, H, W, 3] array at the training size (held in memory, batched without
+        TensorFlow: `feeds`).
       labels: [N, K] uint8 multi-hot labels.
       ids: per image, its identifier in the source (COCO id, VOC name, ...).
     """
 
-    images: Sequence[str] | Sequence[bytes]
+    images: Sequence[str] | Sequence[bytes] | np.ndarray
     labels: np.ndarray
     ids: Sequence
 

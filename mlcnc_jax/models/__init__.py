@@ -1,4 +1,4 @@
-"""Backbones (a registry by name) and the MLC-NC model.
+"""Backbones (a registry by name), model families (`families`) and `create_model`.
 
 A backbone is any linen module called as `module(images, train)` on images
 [B, H, W, 3] that returns tokens [B, N, C]. To add one, register a factory
@@ -22,11 +22,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from mlcnc_jax.models import resnet, text_classifier, vit
-from mlcnc_jax.models.mlcnc import ATTENTIONS, CLASSIFIERS, MLCNC, Baseline
+from mlcnc_jax.models import resnet, vit
+from mlcnc_jax.models.families import ModelFamily, family_names, get_family, register_family
+from mlcnc_jax.models.mlcnc import MLCNC, Baseline
 from mlcnc_jax.models.resnet import ResNet, get_backbone
 
-MODELS = ("mlcnc", "baseline")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 BackboneFactory = Callable[[Any, "str | None"], nn.Module]
@@ -35,12 +35,16 @@ _BACKBONES: dict[str, BackboneFactory] = {}
 __all__ = [
     "MLCNC",
     "Baseline",
+    "ModelFamily",
     "ResNet",
     "backbone_names",
     "create_model",
+    "family_names",
+    "get_family",
     "get_backbone",
     "make_backbone",
     "register_backbone",
+    "register_family",
 ]
 
 
@@ -106,7 +110,7 @@ def create_model(
             the registered `config.model.backbone` (see `register_backbone`).
 
     Returns:
-        An `MLCNC` or `Baseline` module.
+        The module of the model family `config.model.name` (see `families`).
 
     Raises:
         ValueError: for an unknown model name, backbone, dtype, attention or classifier,
@@ -116,42 +120,8 @@ def create_model(
     m = config.model
     if config.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {config.dtype!r}; valid: {', '.join(DTYPES)}")
-    if m.name not in MODELS:
-        raise ValueError(f"unknown model.name {m.name!r}; valid: {', '.join(MODELS)}")
+    family = get_family(m.name)
     dtype = DTYPES[config.dtype]
     if backbone is None:
         backbone = make_backbone(m.backbone, dtype=dtype, axis_name=axis_name)
-    if m.name == "baseline":
-        return Baseline(backbone=backbone, num_classes=num_classes, dtype=dtype)
-    if m.attention not in ATTENTIONS:
-        raise ValueError(f"unknown model.attention {m.attention!r}; valid: {', '.join(ATTENTIONS)}")
-    if m.classifier not in CLASSIFIERS:
-        raise ValueError(
-            f"unknown model.classifier {m.classifier!r}; valid: {', '.join(CLASSIFIERS)}"
-        )
-    text = None
-    if m.classifier == "text":
-        # d must be the backbone's image-text width when it has one (a CLIP ViT's proj).
-        embeddings = text_classifier.load_text_embeddings(
-            m.text_embeddings,
-            num_classes,
-            dataset=config.data.name,
-            joint_dim=getattr(backbone, "output_dim", None),
-        )
-        text = tuple(tuple(row) for row in embeddings.tolist())
-    return MLCNC(
-        backbone=backbone,
-        num_classes=num_classes,
-        embed_dim=m.embed_dim,
-        proj_dim=m.proj_dim,
-        attention=m.attention,
-        num_heads=m.num_heads,
-        attention_dropout=m.attention_dropout,
-        classifier=m.classifier,
-        alpha=m.alpha,
-        logit_scale_init=m.logit_scale_init,
-        etf_seed=m.etf_seed,
-        param_init=m.param_init,
-        text_embeddings=text,
-        dtype=dtype,
-    )
+    return family.make(config, num_classes, backbone, dtype)

@@ -1,19 +1,22 @@
-"""The composition root: config -> dataset, step plan, model, optimizer, objective,
-iterators, evaluator, checkpointer, hooks -> Trainer.
+"""The experiment API: `build(config, workdir, ...)` assembles a run, `Experiment` runs it.
 
-Everything the command line runs is assembled here and nowhere else; the parts
-(trainer.py, step.py, objective.py, evaluation.py, ...) receive what they use.
+    run = experiment.build(config, workdir)           # the config's dataset, tf.data batches
+    result = run.train()                              # a `results.RunResult`
+    run = experiment.build(config, workdir, dataset=my_dataset, train_batches=my_batches)
+
+The command line, the notebook and the benchmarks build every run here: config ->
+dataset, step counts, model family and module, optimizer, objective, batches,
+evaluator, checkpointer, hooks -> `Trainer`. The parts (trainer.py, step.py,
+objective.py, evaluation.py, ...) receive what they use and build nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import linen as nn
@@ -25,47 +28,21 @@ from mlcnc_jax import (
     objective,
     optim,
     parallel,
-    prototypes,
     run_config,
     storage,
 )
-from mlcnc_jax.backbone_weights import check_pretrained_path, load_pretrained, pretrained_path
+from mlcnc_jax.backbone_weights import check_pretrained_path, pretrained_path
+from mlcnc_jax.data import feeds
+from mlcnc_jax.data.dataset import MultiLabelDataset
 from mlcnc_jax.evaluation import Evaluator
-from mlcnc_jax.models import create_model
+from mlcnc_jax.models import ModelFamily, create_model, get_family
+from mlcnc_jax.results import RunResult
 from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
-from mlcnc_jax.state import Schedule, TrainState, create_train_state, init_variables, make_schedule
+from mlcnc_jax.state import StepCounts, TrainState, initial_train_state, step_counts
 from mlcnc_jax.trainer import Hook, Trainer
 
-
-def initial_train_state(
-    config: ml_collections.ConfigDict,
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    num_classes: int,
-    example_input: jax.Array | None = None,
-) -> TrainState:
-    """The fresh state of a run: initialised weights (pre-trained backbone when configured).
-
-    Args:
-      config: the experiment config (seed, image size, pretrained, model name, proj_dim).
-      model: the model.
-      tx: the optimizer.
-      num_classes: K.
-      example_input: one input the model takes (default: a [1, S, S, 3] zero image).
-    """
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    if example_input is None:
-        size = config.data.image_size
-        example_input = jnp.zeros((1, size, size, 3), jnp.float32)
-    variables = init_variables(model, example_input, init_rng)
-    if pretrained_path(config):
-        variables = load_pretrained(
-            variables, pretrained_path(config), backbone=getattr(model, "backbone", None)
-        )
-    protos = None
-    if config.model.name == "mlcnc":
-        protos = prototypes.init_prototypes(num_classes, config.model.proj_dim)
-    return create_train_state(variables, tx, rng=state_rng, prototypes=protos)
+# train_batches(start_step) -> this host's batches from global step `start_step` on.
+TrainBatches = Callable[[int], Iterator[dict]]
 
 
 @dataclasses.dataclass
@@ -76,19 +53,23 @@ class Experiment:
       config: the experiment config.
       workdir: where checkpoints and reports go.
       dataset: the `MultiLabelDataset`.
-      plan: the step plan.
+      steps: the run's step counts.
+      family: the model family (`models.families`).
       model, tx, lr_schedule, loss_fn: what the train step uses.
       checkpointer: the run's `checkpoint.Checkpointer`.
       placement: jit or pmap.
       evaluator: scores the test split.
       trainer: the `Trainer`.
+      batches: `batches(start_step)`: this host's training batches from that step on.
+      reports: the hook writing the workdir's reports (None where this process writes none).
       resume: how training resumes (restore step, allowed config changes).
     """
 
     config: ml_collections.ConfigDict
     workdir: str
-    dataset: Any
-    plan: Schedule
+    dataset: MultiLabelDataset
+    steps: StepCounts
+    family: ModelFamily
     model: nn.Module
     tx: optax.GradientTransformation
     lr_schedule: Callable
@@ -97,6 +78,8 @@ class Experiment:
     placement: parallel.Placement
     evaluator: Evaluator
     trainer: Trainer
+    batches: TrainBatches
+    reports: Any = None
     resume: ResumeOptions = DEFAULT_RESUME
 
     def restore_step(self, *, training: bool) -> int | None:
@@ -138,69 +121,69 @@ class Experiment:
             console.say(f"Resuming from {self.checkpointer.directory}/{step}")
         return state
 
-    def train_batches(self, start_step: int = 0) -> Iterator[dict]:
-        """This host's batches of the tf.data pipeline from global step `start_step` to the end."""
-        from mlcnc_jax.data import pipeline
+    def _result(self, final) -> RunResult:
+        return RunResult.from_summary(final, getattr(self.reports, "summary", None))
 
-        return pipeline.train_batches(
-            self.dataset.train,
-            self.config,
-            global_batch=self.config.train.batch_size,
-            start_step=start_step,
-            num_steps=max(0, self.plan.total_steps - start_step),
-        )
-
-    def train(self, wrap_batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None) -> dict:
-        """Trains (or resumes) to the end of the plan; returns the last evaluation.
+    def train(
+        self, wrap_batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None
+    ) -> RunResult:
+        """Trains (or resumes) to the last step; returns the run's result.
 
         Args:
           wrap_batches: optionally wraps the training iterator (e.g. to record or
             alter what the step receives).
         """
         state = self.initial_state(training=True)
-        batches = self.train_batches(int(state.step))
+        batches = self.batches(int(state.step))
         if wrap_batches is not None:
             batches = wrap_batches(batches)
         try:
-            return self.trainer.train(state, batches)
+            return self._result(self.trainer.train(state, batches))
         finally:
-            # Free the tf.data iterator (its threads and buffers) now: one process may
-            # train many runs (benchmarks/quality.py).
+            # Free the iterator (tf.data's threads and buffers) now, not at garbage collection.
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
-            del batches
-            gc.collect()
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> RunResult:
         """Scores the latest sound checkpoint, or `resume.restore_step` (writes its reports)."""
         if self.checkpointer.latest_step() is None:
             raise FileNotFoundError(
                 f"No checkpoint in {self.checkpointer.directory}: train first (--mode=train)."
             )
-        return self.trainer.run_eval(self.initial_state())
+        return self._result(self.trainer.run_eval(self.initial_state()))
 
 
 def build(
     config: ml_collections.ConfigDict,
     workdir: str,
     *,
+    dataset: MultiLabelDataset | None = None,
+    train_batches: TrainBatches | None = None,
     hooks: Sequence[Hook] = (),
+    reports: bool = True,
     resume: ResumeOptions = DEFAULT_RESUME,
 ) -> Experiment:
     """Assembles the run of `config` in `workdir`.
 
     Args:
       config: the experiment config.
-      workdir: the run's directory.
+      workdir: the run's directory (checkpoints, reports).
+      dataset: the data to train and score on; default: config.data's
+        (`data.sources.load_dataset`). A `MultiLabelDataset` whose splits hold file
+        paths or encoded images is read by tf.data; one holding decoded pixels in
+        memory by numpy (`data.feeds`).
+      train_batches: `train_batches(start_step)` -> this host's training batches
+        ({'image', 'labels'}) from global step `start_step` on; default: the
+        dataset's, drawn by the project's sampler (`data.feeds.train_batches`).
       hooks: more trainer hooks, after the console and the reports.
+      reports: write the workdir's reports (eval_<step>.json, summary.json, the
+        TensorBoard scalars; clu's writer needs TensorFlow) and print progress.
       resume: how training resumes.
 
     Returns:
       The `Experiment`.
     """
-    from mlcnc_jax import reports
-    from mlcnc_jax.data import pipeline, sources
     from mlcnc_jax.models import text_classifier
 
     workdir = storage.resolve(workdir)
@@ -210,35 +193,22 @@ def build(
     parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.eval.batch_size)
     placement = parallel.Placement(config.parallel)
+    family = get_family(config.model.name)
 
     check_pretrained_path(config)  # before the (possibly slow) dataset checks
     text_classifier.check_text_weights(config)
-    if is_main:
-        source = pretrained_path(config)
-        console.say(
-            f"Backbone {config.model.backbone}: "
-            + (
-                f"pre-trained weights from {source}"
-                if source
-                else "from scratch (no pre-trained weights)"
-            )
-        )
-    dataset = sources.load_dataset(config)
-    if is_main and config.eval.max_images:
-        console.say(
-            f"Evaluation on {len(dataset.test)} evenly spaced test images "
-            f"(eval.max_images = {config.eval.max_images}; 0 scores the whole split)"
-        )
+    if dataset is None:
+        dataset = _load_dataset(config, announce=is_main)
     # Class names -> text embeddings, once, stored in the workdir (config names the file).
     config = text_classifier.prepare_class_text(config, dataset.class_names, workdir)
-    plan = make_schedule(config, dataset.train.labels)
+    steps = step_counts(config, dataset.train.labels)
     model = create_model(config, dataset.num_classes, axis_name=placement.axis_name)
     eval_model = create_model(config, dataset.num_classes) if placement.axis_name else model
-    tx, lr_schedule = optim.create_optimizer(config, plan.total_steps)
+    tx, lr_schedule = optim.create_optimizer(config, steps.total_steps)
     loss_fn = objective.make_objective(
         config.loss,
         objective.ClassStats(dataset.class_freq, len(dataset.train)),
-        warmup_steps=plan.warmup_steps,
+        warmup_steps=steps.warmup_steps,
     )
     checkpointer = checkpoint.Checkpointer(
         workdir,
@@ -249,56 +219,48 @@ def build(
     image_norm = (tuple(config.data.mean), tuple(config.data.std))
     evaluator = Evaluator(
         eval_model,
-        lambda: pipeline.eval_batches(dataset.test, config, global_batch=config.eval.batch_size),
+        lambda: feeds.eval_batches(dataset.test, config),
+        family=family,
         num_images=len(dataset.test),
         class_split=dataset.class_split,
         mesh=placement.mesh,
-        progress=is_main,
+        progress=is_main and reports,
         image_norm=image_norm,
     )
-    run_hooks: list[Hook] = []
-    if is_main:
-        run_hooks.append(
-            console.Console(
-                plan,
-                config.train.batch_size,
-                describe=f"{config.model.name} ({config.model.backbone}, {config.dtype}) on "
-                f"{dataset.name}: {dataset.num_classes} classes, {len(dataset.train)} training / "
-                f"{len(dataset.test)} test images",
-                table_path=storage.join(workdir, reports.PARAMETER_TABLE),
-            )
-        )
-        run_hooks.append(
-            reports.RunReports(
-                workdir, config, dataset, config.train.log_every_steps, plan.total_steps
-            )
-        )
-    run_hooks.extend(hooks)
+    run_reports = _report_hooks(config, workdir, dataset, steps) if is_main and reports else []
     trainer = Trainer(
         model=model,
+        family=family,
         tx=tx,
         loss_fn=loss_fn,
         lr_schedule=lr_schedule,
-        plan=plan,
+        steps=steps,
         evaluate=evaluator,
         placement=placement,
         ema_decay=config.train.ema_decay,
         checkpointer=checkpointer,
-        hooks=run_hooks,
-        eval_every_steps=config.train.eval_every_epochs * plan.steps_per_epoch,
+        hooks=[*run_reports, *hooks],
+        eval_every_steps=config.train.eval_every_epochs * steps.steps_per_epoch,
         checkpoint_every_steps=config.train.checkpoint_every_steps,
         log_every_steps=config.train.log_every_steps,
         prefetch=config.train.prefetch_batches,
         image_norm=image_norm,
-        is_reported=lambda step: parallel.broadcast_flag(
-            is_main and reports.has_eval_report(workdir, step)
-        ),
+        is_reported=_is_reported(workdir, is_main and reports),
     )
+    if train_batches is None:
+
+        def train_batches(start_step: int) -> Iterator[dict]:
+            num_steps = max(0, steps.total_steps - start_step)
+            return feeds.train_batches(
+                dataset.train, config, start_step=start_step, num_steps=num_steps
+            )
+
     return Experiment(
         config=config,
         workdir=workdir,
         dataset=dataset,
-        plan=plan,
+        steps=steps,
+        family=family,
         model=model,
         tx=tx,
         lr_schedule=lr_schedule,
@@ -307,24 +269,62 @@ def build(
         placement=placement,
         evaluator=evaluator,
         trainer=trainer,
+        batches=train_batches,
+        reports=run_reports[-1] if run_reports else None,
         resume=resume,
     )
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    hooks: Sequence[Hook] = (),
-    wrap_batches: Callable[[Iterator[dict]], Iterator[dict]] | None = None,
-    resume: ResumeOptions = DEFAULT_RESUME,
-) -> dict:
-    """Trains (or resumes) the configured model and returns the final evaluation."""
-    return build(config, workdir, hooks=hooks, resume=resume).train(wrap_batches)
+def _load_dataset(config: ml_collections.ConfigDict, announce: bool) -> MultiLabelDataset:
+    """config.data's dataset, saying where the backbone's weights come from and what is scored."""
+    from mlcnc_jax.data import sources
+
+    if announce:
+        source = pretrained_path(config)
+        console.say(
+            f"Backbone {config.model.backbone}: "
+            + (
+                f"pre-trained weights from {source}"
+                if source
+                else "from scratch (no pre-trained weights)"
+            )
+        )
+    dataset = sources.load_dataset(config)
+    if announce and config.eval.max_images:
+        console.say(
+            f"Evaluation on {len(dataset.test)} evenly spaced test images "
+            f"(eval.max_images = {config.eval.max_images}; 0 scores the whole split)"
+        )
+    return dataset
 
 
-def evaluate_checkpoint(
-    config: ml_collections.ConfigDict, workdir: str, resume: ResumeOptions = DEFAULT_RESUME
-) -> dict:
-    """Scores the latest checkpoint of `workdir` (or `resume.restore_step`) on the test split."""
-    return build(config, workdir, resume=resume).evaluate()
+def _report_hooks(
+    config: ml_collections.ConfigDict, workdir: str, dataset: MultiLabelDataset, steps: StepCounts
+) -> list[Hook]:
+    """The console (progress, evaluations) and the workdir's reports, the reports last."""
+    from mlcnc_jax import reports
+
+    return [
+        console.Console(
+            steps,
+            config.train.batch_size,
+            describe=f"{config.model.name} ({config.model.backbone}, {config.dtype}) on "
+            f"{dataset.name}: {dataset.num_classes} classes, {len(dataset.train)} training / "
+            f"{len(dataset.test)} test images",
+            table_path=storage.join(workdir, reports.PARAMETER_TABLE),
+        ),
+        reports.RunReports(
+            workdir, config, dataset, config.train.log_every_steps, steps.total_steps
+        ),
+    ]
+
+
+def _is_reported(workdir: str, writes_reports: bool) -> Callable[[int], bool]:
+    """Whether step's evaluation has its report (agreed by every process)."""
+
+    def is_reported(step: int) -> bool:
+        from mlcnc_jax import reports
+
+        return parallel.broadcast_flag(writes_reports and reports.has_eval_report(workdir, step))
+
+    return is_reported
