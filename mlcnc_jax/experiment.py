@@ -36,6 +36,7 @@ from mlcnc_jax.data import feeds
 from mlcnc_jax.data.dataset import MultiLabelDataset
 from mlcnc_jax.evaluation import Evaluator
 from mlcnc_jax.models import ModelFamily, create_model, get_family
+from mlcnc_jax.reports import is_reported_everywhere, run_hooks
 from mlcnc_jax.results import RunResult
 from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.state import StepCounts, TrainState, initial_train_state, step_counts
@@ -227,7 +228,7 @@ def build(
         progress=is_main and reports,
         image_norm=image_norm,
     )
-    run_reports = _report_hooks(config, workdir, dataset, steps) if is_main and reports else []
+    run_reports = run_hooks(config, workdir, dataset, steps) if is_main and reports else []
     trainer = Trainer(
         model=model,
         family=family,
@@ -245,7 +246,7 @@ def build(
         log_every_steps=config.train.log_every_steps,
         prefetch=config.train.prefetch_batches,
         image_norm=image_norm,
-        is_reported=_is_reported(workdir, is_main and reports),
+        is_reported=is_reported_everywhere(workdir, is_main and reports),
     )
     if train_batches is None:
 
@@ -296,35 +297,3 @@ def _load_dataset(config: ml_collections.ConfigDict, announce: bool) -> MultiLab
             f"(eval.max_images = {config.eval.max_images}; 0 scores the whole split)"
         )
     return dataset
-
-
-def _report_hooks(
-    config: ml_collections.ConfigDict, workdir: str, dataset: MultiLabelDataset, steps: StepCounts
-) -> list[Hook]:
-    """The console (progress, evaluations) and the workdir's reports, the reports last."""
-    from mlcnc_jax import reports
-
-    return [
-        console.Console(
-            steps,
-            config.train.batch_size,
-            describe=f"{config.model.name} ({config.model.backbone}, {config.dtype}) on "
-            f"{dataset.name}: {dataset.num_classes} classes, {len(dataset.train)} training / "
-            f"{len(dataset.test)} test images",
-            table_path=storage.join(workdir, reports.PARAMETER_TABLE),
-        ),
-        reports.RunReports(
-            workdir, config, dataset, config.train.log_every_steps, steps.total_steps
-        ),
-    ]
-
-
-def _is_reported(workdir: str, writes_reports: bool) -> Callable[[int], bool]:
-    """Whether step's evaluation has its report (agreed by every process)."""
-
-    def is_reported(step: int) -> bool:
-        from mlcnc_jax import reports
-
-        return parallel.broadcast_flag(writes_reports and reports.has_eval_report(workdir, step))
-
-    return is_reported

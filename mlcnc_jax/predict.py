@@ -88,7 +88,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
 
     workdir = storage.resolve(workdir)
     paths = list_inputs(config.predict.inputs)
-    if config.predict.attention_maps and not get_family(config.model.name).has_attention_maps:
+    family = get_family(config.model.name)
+    if config.predict.attention_maps and not family.has_attention_maps:
         raise UserError("Attention maps need the MLC-NC model (config.model.name='mlcnc').")
     meta = checkpoint.Checkpointer(workdir, {}).read_meta()
     class_names = meta["model"]["class_names"]
@@ -104,7 +105,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> str:
     def forward(images):
         out = model.apply(variables, images, train=False)
         result = {"scores": jax.nn.sigmoid(out["logits"].astype(jnp.float32))}
-        if "attention" in out:
+        if config.predict.attention_maps:  # the family has them (checked above)
             result["attention"] = out["attention"]
         return result
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
@@ -13,6 +13,11 @@ import numpy as np
 from mlcnc_jax import storage
 from mlcnc_jax.groups import COLOURS, group_of
 from mlcnc_jax.results import Evaluation
+
+if TYPE_CHECKING:  # annotations only: reports import neither JAX nor the data package
+    from mlcnc_jax.data.dataset import MultiLabelDataset
+    from mlcnc_jax.state import StepCounts
+    from mlcnc_jax.trainer import Hook
 
 
 def to_json(value: Any) -> Any:
@@ -447,3 +452,33 @@ class RunReports:
     def on_end(self, step: int) -> None:
         self._write_train(step)
         self.writer.flush()
+
+
+def run_hooks(
+    config: ml_collections.ConfigDict, workdir: str, dataset: MultiLabelDataset, steps: StepCounts
+) -> list[Hook]:
+    """A run's console (progress, evaluations) and its reports (`RunReports`, last)."""
+    from mlcnc_jax import console
+
+    return [
+        console.Console(
+            steps,
+            config.train.batch_size,
+            describe=f"{config.model.name} ({config.model.backbone}, {config.dtype}) on "
+            f"{dataset.name}: {dataset.num_classes} classes, {len(dataset.train)} training / "
+            f"{len(dataset.test)} test images",
+            table_path=storage.join(workdir, PARAMETER_TABLE),
+        ),
+        RunReports(workdir, config, dataset, config.train.log_every_steps, steps.total_steps),
+    ]
+
+
+def is_reported_everywhere(workdir: str, writes_reports: bool) -> Callable[[int], bool]:
+    """`is_reported(step)`: whether step's evaluation has its report, as process 0 sees it
+    (every process calls it and gets the same answer)."""
+    from mlcnc_jax import parallel
+
+    def is_reported(step: int) -> bool:
+        return parallel.broadcast_flag(writes_reports and has_eval_report(workdir, step))
+
+    return is_reported

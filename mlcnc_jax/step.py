@@ -178,7 +178,7 @@ def train_step(
     protos = state.prototypes
     if family.keeps_prototypes:
         protos = update_prototypes(
-            protos, outputs["projected"], all_labels, state.step, steps_per_epoch
+            protos, outputs[family.prototype_output], all_labels, state.step, steps_per_epoch
         )
 
     step_metrics = {

@@ -3,7 +3,7 @@
 The Trainer builds nothing from the config: it receives the model, optimizer and
 loss function (compiled into the step here), the training iterator (anything
 that yields numpy batches {'image', 'labels'}), the evaluation function and the
-checkpointer; what the run writes or prints is done by hooks. `build.py` wires
+checkpointer; what the run writes or prints is done by hooks. `experiment.py` wires
 it up from a config; a test or a host without TensorFlow can feed it directly.
 """
 

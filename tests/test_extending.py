@@ -1,22 +1,19 @@
-"""Adding a loss, a backbone and a dataset takes only the steps docs/extending.md gives."""
+"""Adding a loss, a backbone, a dataset and a model family takes the steps docs/extending.md
+gives: one new file each (tests/extensions/) and one registration."""
 
 import ast
-import io
 import pathlib
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
+from extensions import my_backbone, my_family, my_loss, my_set
 
 from configs import default
-from mlcnc_jax import cli, models, objective, optim, step
+from mlcnc_jax import cli, experiment, models, objective
 from mlcnc_jax.data import sources
 from mlcnc_jax.data.dataset import MultiLabelDataset, Split
-from mlcnc_jax.models.families import get_family
-from mlcnc_jax.state import initial_train_state
+from mlcnc_jax.models import families
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXTENDING = ROOT / "docs" / "extending.md"
@@ -24,58 +21,45 @@ EXTENDING = ROOT / "docs" / "extending.md"
 
 @pytest.fixture
 def registered():
-    """Registers a trivial loss and backbone the documented way; removes them afterwards."""
-
-    # Step 1 for a loss: one function, registered under a name.
-    @objective.register_loss("mean_logit")
-    def mean_logit(inputs: objective.LossInputs):
-        return jnp.mean(inputs.outputs["logits"] ** 2)
-
-    # Step 1 for a backbone: a factory(dtype, axis_name) -> module(images, train) -> tokens.
-    class Patches(nn.Module):
-        dtype: object = jnp.float32
-
-        @nn.compact
-        def __call__(self, images, train: bool):
-            x = nn.Conv(16, (2, 2), strides=(2, 2), dtype=self.dtype)(images)
-            return x.reshape(x.shape[0], -1, x.shape[-1])
-
-    models.register_backbone("patches", lambda dtype, axis_name: Patches(dtype=dtype))
+    """The one registration of each new file; undone afterwards."""
+    objective.register_loss("mean_logit")(my_loss.mean_logit)
+    models.register_backbone("patches", my_backbone.patches)
+    sources.register_dataset("my_set", my_set.load_my_set)
+    families.register_family(my_family.MaxPoolFamily())
     yield
     objective.TERMS.pop("mean_logit")
     models._BACKBONES.pop("patches")
+    sources._LOADERS.pop("my_set")
+    families._FAMILIES.pop("max_pool")
 
 
-def test_a_new_loss_and_backbone_train_through_the_config(registered):
-    c = default.get_config()
-    # Step 2 for a loss: its weight, declared in configs/default.py (here: in the test).
+def _tiny(c):
+    c.model.pretrained = "none"
+    c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 16, 4, 2
+    c.data.image_size, c.data.resize_size = 32, 32
+    c.train.batch_size, c.eval.batch_size = 8, 16
+    c.train.steps_per_epoch, c.train.num_epochs, c.loss.warmup_epochs = 2, 2, 0
+    return c
+
+
+def test_a_new_loss_and_backbone_train_through_the_config(registered, tmp_path):
+    c = _tiny(default.get_config())
+    # The loss's weight, declared in configs/default.py (here: in the test).
     with c.unlocked():
         c.loss.mean_logit = 0.0
     c.loss.mean_logit = 0.5
     c.model.backbone = "patches"
-    c.model.pretrained = "none"
-    c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 8, 4, 2
-    c.data.image_size = 8
-    k = 3
-    model = models.create_model(c, k)
-    tx, lr = optim.create_optimizer(c, total_steps=10)
-    state = initial_train_state(c, model, tx, k)
-    loss_fn = objective.make_objective(c.loss, objective.ClassStats(np.ones(k), 4))
-    train_step = step.compile_train_step(
-        model, tx, loss_fn, lr, family=get_family("mlcnc"), steps_per_epoch=5, ema_decay=0.9
-    )
-    r = np.random.default_rng(0)
-    batch = {
-        "image": jnp.asarray(r.standard_normal((4, 8, 8, 3)), jnp.float32),
-        "labels": jnp.asarray(np.eye(k, dtype=np.float32)[[0, 1, 2, 0]]),
-    }
-    state, metrics = train_step(state, batch)
+    run = experiment.build(c, str(tmp_path), reports=False)
+    state = run.placement.place(run.initial_state())
+    batch = next(run.batches(0))
+    state, metrics = run.trainer.train_step(state, run.placement.shard(batch))
     assert "Conv_0" in state.params["backbone"]
+    # The new term is computed, weighted by its config weight, and in the total.
     assert float(metrics["loss_mean_logit"]) > 0
-    others = float(metrics["loss_two_way"]) + 0.5 * float(metrics["loss_fla"])
-    expected = others + 0.5 * float(metrics["loss_mean_logit"]) + 0.2 * float(metrics["loss_fpc"])
+    others = float(metrics["loss_two_way"]) + c.loss.fla * float(metrics["loss_fla"])
+    others += c.loss.fpc * float(metrics["loss_fpc"])
+    expected = others + 0.5 * float(metrics["loss_mean_logit"])
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
-    assert jax.tree.leaves(state.params)
 
 
 def test_a_loss_without_a_config_weight_is_refused_naming_the_fix(registered):
@@ -91,47 +75,66 @@ def test_an_unknown_backbone_names_the_registered_ones():
         models.create_model(c, 3)
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def load_my_set(config) -> MultiLabelDataset:
-    """Step 1 for a dataset: a loader from the config to a MultiLabelDataset (here: made up
-    images, class c brightening channel c)."""
-    rng = np.random.default_rng(config.seed)
-
-    def split(n):
-        labels = np.eye(3, dtype=np.uint8)[np.arange(n) % 3]
-        images = [_png((rng.random((32, 32, 3)) * 60 + 180 * y).astype(np.uint8)) for y in labels]
-        return Split(images=images, labels=labels, ids=list(range(n)))
-
-    return MultiLabelDataset(
-        name="my_set", class_names=["red", "green", "blue"], train=split(24), test=split(12)
-    )
-
-
 def test_a_new_dataset_trains_and_evaluates_through_the_config(tmp_path):
-    c = default.get_config()
+    c = _tiny(default.get_config())
     c.data.name = "my_set"
     with pytest.raises(ValueError, match="my_set.*register_dataset"):  # not yet registered
         cli.run(c, str(tmp_path / "refused"), "train")
-    # Step 2 for a dataset: one registration.
-    sources.register_dataset("my_set", load_my_set)
+    sources.register_dataset("my_set", my_set.load_my_set)  # the one registration
     try:
-        c.model.pretrained = "none"
-        c.model.embed_dim, c.model.proj_dim, c.model.num_heads = 16, 4, 2
-        c.data.image_size, c.data.resize_size = 32, 32
-        c.train.batch_size, c.eval.batch_size = 8, 16
-        c.train.steps_per_epoch, c.train.num_epochs, c.loss.warmup_epochs = 2, 2, 0
         results = cli.run(c, str(tmp_path / "run"), "train")
     finally:
         sources._LOADERS.pop("my_set")
     assert results.final.step == 4 and results.final.num_images_scored == 12
     assert 0 < results.final.raw.map.total <= 100
+
+
+def test_a_new_model_family_trains_on_the_new_backbone_and_dataset(registered, tmp_path):
+    c = _tiny(default.get_config())
+    c.model.name, c.model.backbone, c.data.name = "max_pool", "patches", "my_set"
+    c.loss.two_way, c.loss.fla, c.loss.fpc, c.loss.bce = 0.0, 0.0, 0.0, 1.0
+    run = experiment.build(c, str(tmp_path / "run"), reports=False)
+    assert run.family.name == "max_pool" and run.steps.warmup_steps == 0
+    result = run.train()
+    state = run.initial_state()
+    assert state.prototypes is None  # the family keeps none
+    assert set(state.params) == {"backbone", "Dense_0"}
+    # The neural-collapse measures read the family's 'pooled' features: [N, 16] per image.
+    assert result.final.step == 4 and np.isfinite(result.final.raw.neural_collapse["nc1"])
+
+
+def test_a_run_takes_pixels_held_in_memory_without_a_loader(tmp_path):
+    # The data seam: a MultiLabelDataset of decoded pixels goes straight to the run.
+    r = np.random.default_rng(0)
+
+    def split(n):
+        labels = np.eye(3, dtype=np.uint8)[np.arange(n) % 3]
+        pixels = (r.random((n, 32, 32, 3)) * 60 + 180 * labels[:, None, None, :]).astype(np.uint8)
+        return Split(images=pixels, labels=labels, ids=list(range(n)))
+
+    data = MultiLabelDataset(
+        name="mine", class_names=["r", "g", "b"], train=split(24), test=split(12)
+    )
+    c = _tiny(default.get_config())
+    seen = []
+
+    def batches(start_step):
+        # The caller's own batches (here: the first 8 images, always), from any step.
+        while True:
+            seen.append(start_step)
+            yield {
+                "image": data.train.images[:8],
+                "labels": data.train.labels[:8].astype(np.float32),
+            }
+
+    result = experiment.build(c, str(tmp_path), dataset=data, train_batches=batches).train()
+    assert seen and seen[0] == 0
+    assert result.final.num_images_scored == 12 and 0 < result.final.raw.map.total <= 100
+    assert (tmp_path / "eval_4.json").exists()  # the reports of any run
+    # Pixels of the wrong size are refused, naming the expected shape.
+    c.data.image_size = 16
+    with pytest.raises(ValueError, match=r"\[N, 16, 16, 3\]"):
+        experiment.build(c, str(tmp_path / "small"), dataset=data, reports=False).train()
 
 
 def _top_level_names(path: pathlib.Path) -> set[str]:
@@ -155,6 +158,8 @@ def test_the_guide_gives_the_steps_these_tests_take():
         'models.register_backbone("my_net", lambda dtype, axis_name: MyNet(dtype=dtype))',
         "models.create_model(config, k, backbone=MyNet())",
         'sources.register_dataset("my_set", load_my_set)',
+        "families.register_family(MyFamily())",
+        "experiment.build(config, ",
     ):
         assert step_text in text, step_text
 

@@ -44,8 +44,9 @@ class ModelFamily:
       shared_outputs: outputs the losses read that every device holds whole (not
         per example, e.g. a label embedding): passed on as they are.
       eval_features: the output whose neural-collapse measures the evaluation reports.
-      keeps_prototypes: whether the run keeps the class feature prototypes of the
-        FPC loss (`prototypes.PrototypeState` in the training state).
+      prototype_output: the output whose per-class features make the class prototypes
+        of the FPC loss (`prototypes.PrototypeState` in the training state), or None
+        for a family that keeps no prototypes.
       uses_warmup: whether config.loss.warmup_epochs applies (the plain-BCE epochs
         before the full loss).
       has_attention_maps: whether `predict` can draw per-class attention maps.
@@ -55,7 +56,7 @@ class ModelFamily:
     loss_outputs: tuple[str, ...] = ("logits",)
     shared_outputs: tuple[str, ...] = ()
     eval_features: str = "features"
-    keeps_prototypes: bool = False
+    prototype_output: str | None = None
     uses_warmup: bool = False
     has_attention_maps: bool = False
 
@@ -75,6 +76,11 @@ class ModelFamily:
           dtype: the compute dtype.
         """
         raise NotImplementedError
+
+    @property
+    def keeps_prototypes(self) -> bool:
+        """Whether the training state holds class prototypes (`prototype_output` is set)."""
+        return self.prototype_output is not None
 
     def warmup_epochs(self, config: ml_collections.ConfigDict) -> int:
         """Epochs of warm-up loss before the full objective (0 when the family has none)."""
@@ -114,7 +120,7 @@ class MLCNCFamily(ModelFamily):
     loss_outputs = ("logits", "class_features", "projected")
     shared_outputs = ("label_embedding",)
     eval_features = "class_features"
-    keeps_prototypes = True
+    prototype_output = "projected"
     uses_warmup = True
     has_attention_maps = True
 
@@ -185,6 +191,11 @@ def register_family(family: ModelFamily) -> ModelFamily:
         raise ValueError(f"{type(family).__name__} has no name: set the class attribute `name`")
     if "logits" not in family.loss_outputs:
         raise ValueError(f"model family {family.name!r}: loss_outputs must include 'logits'")
+    if family.keeps_prototypes and family.prototype_output not in family.loss_outputs:
+        raise ValueError(
+            f"model family {family.name!r}: prototype_output {family.prototype_output!r} "
+            "must be one of its loss_outputs (the step gathers those over the devices)"
+        )
     _FAMILIES[family.name] = family
     return family
 

@@ -1,0 +1,1 @@
+"""One new file per extension, as docs/extending.md describes (registered by test_extending)."""
