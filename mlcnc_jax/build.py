@@ -25,6 +25,7 @@ from mlcnc_jax import (
     objective,
     optim,
     parallel,
+    processes,
     prototypes,
     run_config,
     storage,
@@ -290,7 +291,7 @@ def build(
         log_every_steps=config.train.log_every_steps,
         prefetch=config.train.prefetch_batches,
         image_norm=image_norm,
-        is_reported=lambda step: parallel.broadcast_flag(
+        is_reported=lambda step: processes.broadcast_flag(
             is_main and reports.has_eval_report(workdir, step)
         ),
     )
