@@ -59,12 +59,14 @@ def make_data(path: str, image_size: int = 224, num_test: int = 800, quality: in
     from PIL import Image
 
     from mlcnc_jax.data import dataset as dataset_lib
-    from mlcnc_jax.data import synthetic  # imports TensorFlow: only here, never on the GPU
+    from mlcnc_jax.data import synthetic_labels, synthetic_render  # numpy and PIL, no TensorFlow
 
     arrays = {}
     for split, limit in (("train", None), ("test", num_test)):
         blobs, labels = [], []
-        for i, (_, png, row) in enumerate(synthetic.generate("target", image_size, 0, split)):
+        for i, (_, png, row) in enumerate(
+            synthetic_render.generate("target", image_size, 0, split)
+        ):
             if limit is not None and i >= limit:
                 break
             buf = io.BytesIO()
@@ -78,7 +80,7 @@ def make_data(path: str, image_size: int = 224, num_test: int = 800, quality: in
     np.savez(
         path,
         **arrays,
-        class_names=np.array(synthetic.CLASS_SETS["target"]),
+        class_names=np.array(synthetic_labels.CLASS_SETS["target"]),
         image_size=np.int64(image_size),
         head_min=np.int64(dataset_lib.HEAD_MIN),
         tail_max=np.int64(dataset_lib.TAIL_MAX),

@@ -286,7 +286,7 @@ def choose_start_step(
     """
     import jax
 
-    from mlcnc_jax import parallel, reports
+    from mlcnc_jax import processes, reports
 
     directory = checkpointer.directory
     if wanted is None:
@@ -307,6 +307,6 @@ def choose_start_step(
         if jax.process_index() == 0:
             set_aside_after(directory, wanted)
             reports.set_aside_reports_after(workdir, wanted)
-        parallel.sync("mlcnc_jax checkpoints set aside")
+        processes.sync("mlcnc_jax checkpoints set aside")
         checkpointer.manager.reload()
     return wanted

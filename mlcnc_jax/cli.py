@@ -317,7 +317,7 @@ def run(
     In a multi-process run an error on any process ends every process (exit code 1),
     each printing which process failed and why.
     """
-    from mlcnc_jax import parallel
+    from mlcnc_jax import processes
 
     if not str(workdir).strip():
         # '' would resolve to the current directory (often the repository itself).
@@ -326,7 +326,7 @@ def run(
         )
     if multihost:
         try:
-            parallel.initialize_distributed(coordinator_address, num_processes, process_id)
+            processes.initialize_distributed(coordinator_address, num_processes, process_id)
         except Exception as e:  # noqa: BLE001 - any failure to start means the same here
             raise UserError(
                 f"--multihost: multi-host JAX could not start ({_first_line(e)}). Pass "
@@ -337,11 +337,11 @@ def run(
         import jax
 
         if jax.process_count() > 1:
-            stop_watching = parallel.watch_for_failures()
+            stop_watching = processes.watch_for_failures()
             try:
                 results = _run(config, workdir, mode, hooks, wrap_batches, resume, overrides)
             except BaseException as e:  # noqa: BLE001 - every failure must end all processes
-                parallel.end_all_processes(e)
+                processes.end_all_processes(e)
             stop_watching()  # before any distributed shutdown
             return results
     return _run(config, workdir, mode, hooks, wrap_batches, resume, overrides)

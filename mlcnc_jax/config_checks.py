@@ -26,14 +26,13 @@ from typing import Any
 
 import ml_collections
 
+from mlcnc_jax.data.synthetic_labels import SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_SPLITS
 from mlcnc_jax.errors import UserError
 
 # Allowed values of the enumerated string fields (tests/test_config_checks.py checks that they
 # match the modules that use them).
 IMAGE_SOURCES = ("files", "tfds")
 SAMPLINGS = ("class_aware", "uniform")
-SYNTHETIC_CLASSES = ("target", "pretrain")
-SYNTHETIC_TRAIN_SPLITS = ("planned", "dbloss")
 MODEL_NAMES = ("mlcnc", "baseline")
 ATTENTIONS = ("mha", "cosine")
 CLASSIFIERS = ("etf", "etf_trainable", "linear", "text")

@@ -476,9 +476,9 @@ def run_hooks(
 def is_reported_everywhere(workdir: str, writes_reports: bool) -> Callable[[int], bool]:
     """`is_reported(step)`: whether step's evaluation has its report, as process 0 sees it
     (every process calls it and gets the same answer)."""
-    from mlcnc_jax import parallel
+    from mlcnc_jax import processes
 
     def is_reported(step: int) -> bool:
-        return parallel.broadcast_flag(writes_reports and has_eval_report(workdir, step))
+        return processes.broadcast_flag(writes_reports and has_eval_report(workdir, step))
 
     return is_reported

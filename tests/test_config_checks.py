@@ -166,3 +166,28 @@ def test_batches_must_divide_among_the_devices():
         "config.train.batch_size = 12: must be a multiple of the 8 devices (every device gets "
         "an equal share of each batch)"
     ]
+
+
+def test_the_data_package_does_not_import_config_checks():
+    # The names flow one way: config_checks takes the built-in data's allowed values from
+    # data/synthetic_labels.py, so data/ never imports config_checks (nor a module that does).
+    import ast
+    import pathlib
+
+    from mlcnc_jax.data import synthetic_labels
+
+    assert config_checks.SYNTHETIC_CLASSES == tuple(synthetic_labels.CLASS_SETS)
+    assert config_checks.SYNTHETIC_TRAIN_SPLITS == synthetic_labels.SYNTHETIC_TRAIN_SPLITS
+    data_dir = pathlib.Path(synthetic_labels.__file__).parent
+    importers = []
+    for path in sorted(data_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            if any(n.startswith("mlcnc_jax.config_checks") for n in names):
+                importers.append(path.name)
+    assert not importers, f"data/ modules importing config_checks: {importers}"

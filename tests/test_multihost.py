@@ -26,7 +26,7 @@ import pytest
 from multihost_worker import instrument
 from test_train import tiny_config
 
-from mlcnc_jax import checkpoint, cli, experiment, parallel
+from mlcnc_jax import checkpoint, cli, experiment, parallel, processes
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 # 4 steps: an epoch of FLA warm-up, then an epoch of the full loss; checkpoints at steps 2
@@ -338,5 +338,5 @@ def test_initialize_distributed_arguments(monkeypatch, env, args, expected):
     calls = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    parallel.initialize_distributed(*args)
+    processes.initialize_distributed(*args)
     assert calls == [expected]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from configs import default
 from mlcnc_jax.data import dataset as dataset_lib
-from mlcnc_jax.data import lt_builder, synthetic
+from mlcnc_jax.data import lt_builder, synthetic, synthetic_labels, synthetic_render
 
 
 def _config(root, classes="target", image_size=64, seed=0):
@@ -70,17 +70,21 @@ def test_builder_stores_what_generate_renders_and_seed_matters(target):
     ds, _ = target
     renders = {
         key: (png, labels)
-        for key, png, labels in _first(synthetic.generate("target", 64, 0, "train"), 4)
+        for key, png, labels in _first(synthetic_render.generate("target", 64, 0, "train"), 4)
     }
-    again = {key: png for key, png, _ in _first(synthetic.generate("target", 64, 0, "train"), 4)}
-    other = {key: png for key, png, _ in _first(synthetic.generate("target", 64, 1, "train"), 4)}
+    again = {
+        key: png for key, png, _ in _first(synthetic_render.generate("target", 64, 0, "train"), 4)
+    }
+    other = {
+        key: png for key, png, _ in _first(synthetic_render.generate("target", 64, 1, "train"), 4)
+    }
     for i, key in enumerate(ds.train.ids[:4]):
         assert key == f"train_{i:05d}"
         assert ds.train.images[i] == renders[key][0] == again[key]
         np.testing.assert_array_equal(ds.train.labels[i], renders[key][1])
         assert other[key] != again[key]
     assert not np.array_equal(
-        synthetic.plan_train_labels(20, 0), synthetic.plan_train_labels(20, 1)
+        synthetic_labels.plan_train_labels(20, 0), synthetic_labels.plan_train_labels(20, 1)
     )
 
 
@@ -108,9 +112,9 @@ def _first(it, n):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_train_plan_hits_profile_for_any_seed(seed):
-    counts = synthetic.train_class_counts()
+    counts = synthetic_labels.train_class_counts()
     assert (np.diff(counts) <= 0).all()
-    labels = synthetic.plan_train_labels(20, seed)
+    labels = synthetic_labels.plan_train_labels(20, seed)
     # Exactly the planned counts, in some seeded class order.
     np.testing.assert_array_equal(np.sort(labels.sum(0))[::-1], counts)
     groups = dataset_lib.class_groups(labels.sum(0))
@@ -120,13 +124,19 @@ def test_train_plan_hits_profile_for_any_seed(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dbloss_train_split_is_the_builders_long_tail_of_a_balanced_pool(seed):
-    labels = synthetic.split_labels("target", seed, "train", "dbloss")
+    labels = synthetic_labels.split_labels("target", seed, "train", "dbloss")
     # The same images as lt_builder picks from the pool, written here from its parts.
-    pool = synthetic.plan_anchored_labels(
-        20, synthetic.DBLOSS_POOL_PER_CLASS, seed, 7006, extra_p=synthetic.DBLOSS_EXTRA_P
+    pool = synthetic_labels.plan_anchored_labels(
+        20,
+        synthetic_labels.DBLOSS_POOL_PER_CLASS,
+        seed,
+        7006,
+        extra_p=synthetic_labels.DBLOSS_EXTRA_P,
     )
-    assert pool.sum(0).min() >= synthetic.DBLOSS_POOL_PER_CLASS  # balanced before the cut
-    keep = lt_builder.build_long_tail(pool, synthetic.DBLOSS_MAX_COUNT, min_count=4, seed=seed)
+    assert pool.sum(0).min() >= synthetic_labels.DBLOSS_POOL_PER_CLASS  # balanced before the cut
+    keep = lt_builder.build_long_tail(
+        pool, synthetic_labels.DBLOSS_MAX_COUNT, min_count=4, seed=seed
+    )
     np.testing.assert_array_equal(labels, pool[keep])
     # A VOC-LT-sized long tail with every group present, unlike the planned split's labels.
     counts = labels.sum(0)
@@ -134,11 +144,11 @@ def test_dbloss_train_split_is_the_builders_long_tail_of_a_balanced_pool(seed):
     assert counts.max() >= 20 * counts.min() and counts.min() >= 4
     groups = dataset_lib.class_groups(counts)
     assert all(len(groups[g]) >= 4 for g in ("head", "medium", "tail"))
-    assert labels.sum(1).mean() > synthetic.plan_train_labels(20, seed).sum(1).mean() + 0.1
+    assert labels.sum(1).mean() > synthetic_labels.plan_train_labels(20, seed).sum(1).mean() + 0.1
     # Its test split is the planned one of the seed; its builder config has its own name.
     np.testing.assert_array_equal(
-        synthetic.split_labels("target", seed, "test", "dbloss"),
-        synthetic.split_labels("target", seed, "test"),
+        synthetic_labels.split_labels("target", seed, "test", "dbloss"),
+        synthetic_labels.split_labels("target", seed, "test"),
     )
     assert synthetic.make_config("target", 32, seed, "dbloss").name.endswith("_dbloss")
     with pytest.raises(ValueError, match="train_split"):
@@ -146,18 +156,18 @@ def test_dbloss_train_split_is_the_builders_long_tail_of_a_balanced_pool(seed):
 
 
 def test_pretrain_classes_disjoint_and_balanced(tmp_path):
-    target_names = set(synthetic.CLASS_SETS["target"])
-    pretrain_names = synthetic.CLASS_SETS["pretrain"]
+    target_names = set(synthetic_labels.CLASS_SETS["target"])
+    pretrain_names = synthetic_labels.CLASS_SETS["pretrain"]
     assert len(pretrain_names) == 20 and len(set(pretrain_names)) == 20
     assert target_names.isdisjoint(pretrain_names)
     assert not any(name.startswith("digit") for name in pretrain_names)
-    train = synthetic.split_labels("pretrain", 0, "train")
-    test = synthetic.split_labels("pretrain", 0, "test")
-    assert len(train) == 20 * synthetic.PRETRAIN_TRAIN_PER_CLASS
-    assert train.sum(0).min() >= synthetic.PRETRAIN_TRAIN_PER_CLASS
+    train = synthetic_labels.split_labels("pretrain", 0, "train")
+    test = synthetic_labels.split_labels("pretrain", 0, "test")
+    assert len(train) == 20 * synthetic_labels.PRETRAIN_TRAIN_PER_CLASS
+    assert train.sum(0).min() >= synthetic_labels.PRETRAIN_TRAIN_PER_CLASS
     assert train.sum(0).max() <= 1.3 * train.sum(0).min()
     assert test.sum(0).min() >= 50
-    for _, png, _ in _first(synthetic.generate("pretrain", 32, 0, "train"), 3):
+    for _, png, _ in _first(synthetic_render.generate("pretrain", 32, 0, "train"), 3):
         assert np.asarray(Image.open(io.BytesIO(png))).shape == (32, 32, 3)
 
 

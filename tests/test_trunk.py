@@ -9,11 +9,11 @@ import pytest
 
 from configs import default, pretrain
 from mlcnc_jax import metrics, trunks
-from mlcnc_jax.data import pipeline, synthetic
+from mlcnc_jax.data import pipeline, synthetic_labels, synthetic_render
 from mlcnc_jax.models import create_model, pretrained
 
 # Every 4th image of the balanced 1,200-image 'pretrain' test split: all 20 classes.
-_SLICE = range(0, 20 * synthetic.PRETRAIN_TEST_PER_CLASS, 4)
+_SLICE = range(0, 20 * synthetic_labels.PRETRAIN_TEST_PER_CLASS, 4)
 
 
 def _metadata() -> dict:
@@ -29,9 +29,9 @@ def test_shipped_trunk_is_the_recorded_file():
     meta = _metadata()
     config = pretrain.get_config()
     assert meta["backbone"] == config.model.backbone == default.get_config().model.backbone
-    assert json.loads(meta["class_names"]) == list(synthetic.CLASS_SETS["pretrain"])
+    assert json.loads(meta["class_names"]) == list(synthetic_labels.CLASS_SETS["pretrain"])
     # Pre-trained on other classes than the benchmark's: never a target class.
-    assert not set(json.loads(meta["class_names"])) & set(synthetic.CLASS_SETS["target"])
+    assert not set(json.loads(meta["class_names"])) & set(synthetic_labels.CLASS_SETS["target"])
 
 
 def test_default_config_fine_tunes_from_the_shipped_trunk():
@@ -59,7 +59,7 @@ def test_trunk_loads_into_the_backbone_and_scores_on_its_own_test_classes():
     )
 
     rendered = list(
-        synthetic.generate("pretrain", size, config.data.synthetic_seed, "test", _SLICE)
+        synthetic_render.generate("pretrain", size, config.data.synthetic_seed, "test", _SLICE)
     )
     images = np.stack([pipeline.preprocess_for_eval(png, config) for _, png, _ in rendered])
     labels = np.stack([row for _, _, row in rendered])

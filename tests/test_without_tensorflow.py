@@ -74,3 +74,24 @@ def test_prediction_imports_no_training_module():
         """
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_config_checks_and_the_built_in_data_renderer_need_neither_tensorflow_nor_jax():
+    # config_checks takes the built-in data's names from synthetic_labels (numpy only), and
+    # the images are drawn with numpy and PIL: TensorFlow is needed only to store them (tfds).
+    proc = run_blocked(
+        """
+        import mlcnc_jax.config_checks
+
+        light = sorted(m for m in ("jax", "flax", "PIL", "tensorflow") if m in sys.modules)
+        assert not light, f"config_checks imported {light}"
+
+        from mlcnc_jax.data import synthetic_render
+
+        (key, png, row), = synthetic_render.generate("target", 32, 0, "test", [5])
+        assert key == "test_00005" and png[:4] == b"\\x89PNG" and row.sum() >= 1
+        heavy = sorted(m for m in ("jax", "flax", "tensorflow") if m in sys.modules)
+        assert not heavy, f"synthetic_render imported {heavy}"
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -181,7 +181,7 @@ def prepare_class_text(
         return config
     import jax  # noqa: PLC0415
 
-    from mlcnc_jax import parallel  # noqa: PLC0415
+    from mlcnc_jax import processes  # noqa: PLC0415
     from mlcnc_jax.models import clip_text  # noqa: PLC0415
 
     path = os.path.join(workdir, CLASS_TEXT_FILE)
@@ -210,7 +210,7 @@ def prepare_class_text(
             np.save(path, embeddings)
             with open(record_path, "w") as f:
                 json.dump(record, f, indent=1)
-    parallel.sync("mlcnc_jax class text embeddings")
+    processes.sync("mlcnc_jax class text embeddings")
     config = config.copy_and_resolve_references()
     config.model.text_embeddings = path
     return config
