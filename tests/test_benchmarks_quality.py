@@ -6,6 +6,8 @@ The statistics are tested in test_benchmarks_quality_stats.py.
 import dataclasses
 import hashlib
 import json
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -187,3 +189,90 @@ def test_seed_cache_fills_the_cache_from_a_results_file(tmp_path, capsys):
     with pytest.raises(ValueError, match="follows another protocol"):
         runs_lib.seed_cache(str(path), str(tmp_path / "other"), sweep)
     assert not (tmp_path / "other" / "runs").exists()
+
+
+def test_the_plan_of_every_part():
+    p = protocol_lib.Protocol()
+    parts = protocol_lib.PARTS
+    names = protocol_lib.selection_rows(parts)
+    assert names[:3] == ["mlcnc", "bce_aware", "bce_uniform"] and len(names) == 17
+    assert protocol_lib.selection_rows(["ablations"])[:2] == ["mlcnc", "no_fla"]
+    rows = protocol_lib.final_rows(parts, names, "two_way_aware", p)
+    by = {(budget, name): (steps, seeds) for budget, name, steps, seeds in rows}
+    assert len(by) == len(rows)
+    # The main rows (and the best other baseline) get 5 seeds at both budgets ...
+    for name in ("mlcnc", "bce_aware", "bce_uniform", "two_way_aware"):
+        assert by["long", name] == (360, (0, 1, 2, 3, 4)) and by["short", name][0] == 120
+    # ... the others 3 at the long one; the budget ladder only the class-aware rows.
+    assert by["long", "focal_uniform"] == (360, (0, 1, 2)) and ("short", "no_fla") not in by
+    assert {n for b, n in by if b == "second"} == {"mlcnc", "bce_aware", "bce_uniform"}
+    assert {n for b, n in by if b == "quadruple"} == {"mlcnc", "bce_aware", "two_way_aware"}
+    assert [n for b, n in by if b == "octuple"] == ["bce_aware"] and by["octuple", "bce_aware"][0]
+    assert len(rows) == 4 * 2 + 13 + 3 + 3 * 2 + 1
+    # Without part 'main' its rows run only where another part needs them.
+    only_budget = protocol_lib.final_rows(["budget"], ["mlcnc", "bce_aware"], None, p)
+    assert {b for b, *_ in only_budget} == {"double", "quadruple", "octuple"}
+    # Seed-major: every budget's seed 0 before any seed 1.
+    order = protocol_lib.run_order([("short", 1), ("long", 1), ("double", 0), ("long", 0)])
+    assert order == [3, 2, 1, 0]
+
+
+def test_the_report_states_numbers_and_links_to_the_findings(tmp_path):
+    runs = {
+        "mlcnc": [
+            {**_result(73.0 + d, 61.0 + d), "neural_collapse": _nc(), "seconds": 9.0}
+            for d in (0.0, 0.5, -0.5)
+        ],
+        "bce_aware": [
+            {**_result(70.0 + d, 64.0 + d), "neural_collapse": _nc(), "seconds": 8.0}
+            for d in (0.0, 0.4, -0.4)
+        ],
+    }
+    point = {"lr": 1e-3, "logit_scale": None, "seconds": 5.0}
+    chosen = {
+        "mlcnc": {"lr": 1e-3, "logit_scale": 8.0, "val_map": {"total": 60.0}, "grid": []},
+        "bce_aware": {
+            "lr": 1e-3,
+            "logit_scale": None,
+            "val_map": {"total": 55.0},
+            "grid": [{**point, "val_map": {"total": 55.0, "head": 1, "medium": 2, "tail": 3}}],
+        },
+    }
+    protocol = protocol_lib.Protocol()
+    all_runs = {b: {} for b in protocol_lib.BUDGET_TITLES} | {"long": runs}
+    analysis = report.analyse(all_runs, chosen, None, protocol)
+    assert analysis["best_sampler_matched"] == {"long": "bce_aware"}
+    assert list(analysis["differences"]) == ["mlcnc − bce_aware, long"]
+    assert analysis["tables"]["long"]["mlcnc"]["total"]["mean"] == pytest.approx(73.0)
+    payload = {
+        "machine": "m",
+        "load_before": 0.0,
+        "load_after": 0.0,
+        "run_seconds": 60.0,
+        "n_runs": 7,
+        "workers": 1,
+        "wall_seconds": 60.0,
+        "not_run": "",
+        "selection": chosen,
+        "vit_trunk": None,
+        **analysis,
+        "runs": all_runs,
+    }
+    out = tmp_path / "results"
+    out.mkdir()
+    # A hand-written block in an earlier report is not carried over: findings have their file.
+    (out / "quality.md").write_text("## Findings\n\nhand-written\n")
+    report.write_report(str(out), payload, protocol, "python -m benchmarks.quality")
+    text = (out / "quality.md").read_text()
+    assert "hand-written" not in text and "## Findings" not in text
+    (link,) = re.findall(r"\]\(([^)]*quality-findings\.md)\)", text)
+    assert (out / link).resolve() == pathlib.Path(report.FINDINGS).resolve()
+    assert pathlib.Path(report.FINDINGS).is_file()
+    assert "Tail, MLC-NC minus the best sampler-matched baseline (`bce_aware`" in text
+    assert "**below 0**" in text and "| mlcnc | 0.001 | 8 | 73.0 ± 0.5 |" in text
+    saved = json.loads((out / "quality.json").read_text())
+    assert saved["verdicts"] == analysis["verdicts"] and (out / "quality.png").is_file()
+
+
+def _nc():
+    return {"nc1": 3.0, "nc2": 0.1, "mean_angle": 92.0}
