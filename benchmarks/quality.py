@@ -26,7 +26,8 @@ changes:
      configs/pretrain.py, then MLC-NC and BCE class-aware fine-tuned from it, 3 seeds.
    The data set stays the same; the seed changes initialisation, sampling and augmentation.
 3. Differences of MLC-NC minus the best sampler-matched baseline with a 95 % Welch
-   interval, neural-collapse measures, and a verdict per claim of the paper.
+   interval, neural-collapse measures, and the difference each claim of the paper rests on
+   (what they mean for the paper is written by hand in the dated findings file).
 
 Runs are spread over `--workers` processes, each pinned to one core (on 2 cores two
 single-threaded runs side by side do 1.26x the work of one run on both). Finished runs are

@@ -55,7 +55,8 @@ def analyse(
 
     Returns:
       {'best_sampler_matched': {budget: row}, 'tables': {budget: {row: summary}},
-      'differences': {title: {metric: Welch interval}}, 'verdicts': [`claim_lines`]}.
+      'differences': {title: {metric: Welch interval}}, 'verdicts': `claim_lines` (the
+      key keeps quality.json's earlier name)}.
     """
     tables = {b: {n: summarise(rs) for n, rs in runs[b].items()} for b in BUDGET_TITLES}
     # The best sampler-matched (class-aware) baseline of each budget, by validation mAP.
