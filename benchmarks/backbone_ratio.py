@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
+
+from benchmarks import common
 
 
 def _jax_step(name: str, image_size: int, batch: int, classes: int):
@@ -162,7 +163,7 @@ def main(argv=None) -> None:
     )
     load_after = os.getloadavg()[0]
     print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average "
+        f"{common.cpu_model()}, {os.cpu_count()} cores; load average "
         f"(1 min) {load_before:.2f} before / {load_after:.2f} after; batch {args.batch}, "
         f"{args.image_size} px, {args.classes} classes; median of {args.rounds} rounds of "
         f"{args.steps} steps, alternating"

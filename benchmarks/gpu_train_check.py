@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from benchmarks import common
 from mlcnc_jax.reports import to_json
 
 DEFAULT_DATA = "benchmarks/cache/gpu_check/synthetic_lt_224.npz"
@@ -231,25 +232,6 @@ class StepTimes:
         self.compile_s = first_time - self._start - others
 
 
-def _peak_memory_bytes() -> int | None:
-    import jax
-
-    stats = jax.local_devices()[0].memory_stats()
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
-def _step_flops(trainer, state, batch) -> float | None:
-    """XLA's FLOP count of one train step (from the lowered program: no second compile)."""
-    try:
-        placed = trainer.placement.place(state)
-        cost = trainer.train_step.lower(placed, trainer.placement.shard(batch)).cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend counts; the column is then empty
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def host_input_rate(batches, batch_size: int, steps: int) -> float:
     """Images/s of the host input alone: `steps` batches pulled, nothing sent to a device."""
     next(batches)  # the first batch pays for any set-up
@@ -383,7 +365,12 @@ def run_check(
         seed=seed,
         **norm,
     )
-    flops = _step_flops(trainer, state, next(batches))
+    first_batch = next(batches)
+    flops = common.xla_flops(  # from the lowered step: no second compile
+        lambda: trainer.train_step.lower(
+            trainer.placement.place(state), trainer.placement.shard(first_batch)
+        )
+    )
     t0 = time.perf_counter()
     results = trainer.train(state, arrays.prefetch(batches, size=3))
     train_eval_s = time.perf_counter() - t0
@@ -445,7 +432,7 @@ def run_check(
         "flops_per_step": flops,
         "peak_flops": peak_flops,
         "mfu": mfu,
-        "peak_memory_bytes": _peak_memory_bytes(),
+        "peak_memory_bytes": common.device_peak_memory_bytes(),
         "train_and_eval_s": train_eval_s,
         "eval_s": results.get("seconds"),
         "loss_first_after_warmup": first,

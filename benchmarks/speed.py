@@ -33,12 +33,12 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from benchmarks import common
 from benchmarks.common import ROOT, cpu_model, row
 
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "speed.md")
@@ -128,26 +128,6 @@ def _head_state(config, model, tx, num_classes: int, tokens):
     return initial_train_state(config, model, tx, num_classes, example_input=tokens[:1])
 
 
-def _flops(cost) -> float | None:
-    # cost_analysis() gives a dict (a list of one dict in older jax), or None.
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
-
-
-def _peak_memory_bytes() -> tuple[int, str]:
-    import jax
-
-    dev = jax.local_devices()[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
-
-
 def run_case(case: dict) -> dict:
     """Builds, compiles and times one case; returns its measurements.
 
@@ -208,7 +188,7 @@ def run_case(case: dict) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = _flops(compiled.cost_analysis())
+    flops = common.xla_flops(compiled)
     xla_bytes = None
     try:
         mem = compiled.memory_analysis()
@@ -231,7 +211,7 @@ def run_case(case: dict) -> dict:
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss} in case {case}")
-    peak, source = _peak_memory_bytes()
+    peak, source = common.peak_memory()
     step_s = statistics.median(times)
     dev = jax.local_devices()[0]
     return {
