@@ -214,7 +214,7 @@ def _cache_path(cache_dir: str, job: Job) -> str:
 
 def execute(job: Job, cache_dir: str) -> dict:
     """Trains and evaluates one run in this process, caching the result as JSON."""
-    from mlcnc_jax import build
+    from mlcnc_jax import experiment
 
     config = job.config
     path = _cache_path(cache_dir, job)
@@ -222,16 +222,16 @@ def execute(job: Job, cache_dir: str) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)  # a killed run restarts from scratch
     start = time.perf_counter()
     try:
-        results, error = build.train_and_evaluate(config, workdir), None
+        final, error = experiment.build(config, workdir).train().final, None
     except FloatingPointError as e:  # a diverged run is a result (of a bad setting)
-        results, error = None, str(e).splitlines()[0]
+        final, error = None, str(e).splitlines()[0]
     # One process trains many runs: free this one's trainer, data iterator and device buffers
     # (reference cycles that would otherwise wait for the collector) before the next starts.
     gc.collect()
     result = {"tag": job.tag, "config_hash": job.config_hash}
     result["seconds"] = time.perf_counter() - start
     result["load_average"] = os.getloadavg()[0]
-    if results is None:
+    if final is None:
         nan = float("nan")
         result.update(
             map={k: nan for k in ("total", *GROUPS)},
@@ -241,9 +241,9 @@ def execute(job: Job, cache_dir: str) -> dict:
         )
     else:
         result.update(
-            map=results["raw"]["map"],
-            map_ema=results["ema"]["map"],
-            neural_collapse=results["raw"]["neural_collapse"],
+            map=final.raw.map.as_dict(),
+            map_ema=final.ema.map.as_dict(),
+            neural_collapse=final.raw.neural_collapse,
         )
     if job.keep_workdir:
         result["workdir"] = workdir
