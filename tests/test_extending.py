@@ -48,7 +48,7 @@ def test_a_new_loss_and_backbone_train_through_the_config(registered, tmp_path):
     with c.unlocked():
         c.loss.mean_logit = 0.0
     c.loss.mean_logit = 0.5
-    c.model.backbone = "patches"
+    c.model.backbone, c.data.name = "patches", "my_set"
     run = experiment.build(c, str(tmp_path), reports=False)
     state = run.placement.place(run.initial_state())
     batch = next(run.batches(0))
@@ -91,6 +91,8 @@ def test_a_new_dataset_trains_and_evaluates_through_the_config(tmp_path):
 
 def test_a_new_model_family_trains_on_the_new_backbone_and_dataset(registered, tmp_path):
     c = _tiny(default.get_config())
+    with c.unlocked():
+        c.loss.mean_logit = 0.0  # the registered loss's weight (off here)
     c.model.name, c.model.backbone, c.data.name = "max_pool", "patches", "my_set"
     c.loss.two_way, c.loss.fla, c.loss.fpc, c.loss.bce = 0.0, 0.0, 0.0, 1.0
     run = experiment.build(c, str(tmp_path / "run"), reports=False)

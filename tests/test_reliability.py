@@ -93,7 +93,7 @@ def test_broken_latest_checkpoint_is_named_and_kept(data_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint of that step; it has 3, 6"):
         cli.run(more, str(work), "train", resume=ResumeOptions(restore_step=4))
     back = ResumeOptions(allow_config_change=("train.num_epochs",), restore_step=3)
-    assert cli.run(more, str(work), "train", resume=back)["step"] == 9
+    assert cli.run(more, str(work), "train", resume=back).final.step == 9
     assert (work / "checkpoints" / "6.set_aside").is_dir()
     assert checkpoint.Checkpointer(str(work), {}).steps() == [6, 9]  # 6 saved again, then 9
 
