@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import gpu_train_check as check
+from benchmarks import gpu_measure as check
 
 
 def test_device_resident_rate_times_steps_after_one_untimed_call(monkeypatch):
