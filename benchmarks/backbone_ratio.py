@@ -31,9 +31,9 @@ def _jax_step(name: str, image_size: int, batch: int, classes: int):
 
     import jax
 
+    from benchmarks.gpu_data import random_data
     from configs.default import get_config
     from mlcnc_jax import experiment
-    from mlcnc_jax.data.dataset import MultiLabelDataset, Split
 
     config = get_config()
     config.model.update(name="baseline", backbone=name, pretrained="none")
@@ -41,17 +41,12 @@ def _jax_step(name: str, image_size: int, batch: int, classes: int):
     config.data.image_size, config.dtype = image_size, "float32"
     config.train.batch_size = config.eval.batch_size = batch
     config.train.steps_per_epoch, config.train.num_epochs = 10**6, 1
-    rng = np.random.default_rng(0)
-    labels = rng.random((batch, classes)) < 0.1
-    labels[np.arange(batch), np.arange(batch) % classes] = True  # every class has a positive
-    images = rng.integers(0, 256, (batch, image_size, image_size, 3), np.uint8)
-    split = Split(images, labels, list(range(batch)))
-    names = [f"class_{i}" for i in range(classes)]
-    dataset = MultiLabelDataset("random", names, train=split, test=split)
+    dataset = random_data(image_size, classes, n=batch, positive_rate=0.1)
     with tempfile.TemporaryDirectory() as workdir:
         run = experiment.build(config, workdir, dataset=dataset, reports=False)
         state = run.placement.place(run.initial_state())
-    inputs = run.placement.shard({"image": images, "labels": labels.astype(np.float32)})
+    train = dataset.train
+    inputs = run.placement.shard({"image": train.images, "labels": train.labels.astype(np.float32)})
     holder = {"state": state}
 
     def step():

@@ -1,9 +1,9 @@
-"""The GPU check's data: synthetic_lt as JPEG bytes in an .npz, decoded into memory without TF.
+"""In-memory datasets for the benchmarks, without TensorFlow: the GPU check's and random ones.
 
-`make_data` renders the file where the project's data dependencies are installed;
-`load_data` decodes it with Pillow into a `MultiLabelDataset` whose splits hold
-uint8 pixels (batched by numpy: `mlcnc_jax.data.feeds`); `random_data` is a tiny
-stand-in for a smoke run without the file.
+`make_data` renders synthetic_lt as JPEG bytes in an .npz where the project's data
+dependencies are installed; `load_data` decodes it with Pillow into a `MultiLabelDataset`
+whose splits hold uint8 pixels (batched by numpy: `mlcnc_jax.data.feeds`); `random_data`
+holds random pixels (a smoke run without the file, the timing benchmarks).
 """
 
 from __future__ import annotations
@@ -93,16 +93,23 @@ def load_data(path: str, image_size: int, limit: int | None = None) -> MultiLabe
         )
 
 
-def random_data(image_size: int, num_classes: int = 6, n: int = 64) -> MultiLabelDataset:
-    """A tiny dataset of random pixels and labels, `n` images per split (a smoke run's)."""
+def random_data(
+    image_size: int, num_classes: int = 6, n: int = 64, positive_rate: float = 0.3
+) -> MultiLabelDataset:
+    """Random pixels and labels, `n` images per split (a smoke run's, a timing's data).
+
+    Every image has a positive, and with n >= num_classes so has every class in each split.
+    Groups: classes 0-1 head, 2-3 medium, the rest tail.
+    """
     rng = np.random.default_rng(0)
-    labels = rng.random((2 * n, num_classes)) < 0.3
-    labels[np.arange(2 * n), rng.integers(0, num_classes, 2 * n)] = True
+    labels = rng.random((2 * n, num_classes)) < positive_rate
+    labels[np.arange(2 * n), np.arange(2 * n) % n % num_classes] = True
     images = rng.integers(0, 256, (2 * n, image_size, image_size, 3), dtype=np.uint8)
+    groups = {"head": [0, 1], "medium": [2, 3], "tail": list(range(4, num_classes))}
     return MultiLabelDataset(
         name="random",
         class_names=[f"class_{i}" for i in range(num_classes)],
         train=Split(images[:n], labels[:n], ids=list(range(n))),
         test=Split(images[n:], labels[n:], ids=list(range(n))),
-        class_split={"head": [0, 1], "medium": [2, 3], "tail": list(range(4, num_classes))},
+        class_split={name: [c for c in group if c < num_classes] for name, group in groups.items()},
     )

@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
 
     from benchmarks import common
+    from benchmarks.gpu_data import random_data
     from configs import default
     from mlcnc_jax import console, experiment, results
-    from mlcnc_jax.data.dataset import MultiLabelDataset, Split
     from mlcnc_jax.state import StepCounts
 
     k, size = 4, args.image_size
@@ -59,9 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         labels = (rng.random((args.batch, k)) < 0.5).astype(np.float32)
         labels[:, 0] = 1.0
         batches.append({"image": pixels, "labels": labels})
-    images = np.concatenate([b["image"] for b in batches])
-    split = Split(images, np.concatenate([b["labels"] for b in batches]), list(range(len(images))))
-    dataset = MultiLabelDataset("random", [f"class_{i}" for i in range(k)], split, split)
+    dataset = random_data(size, k, n=args.batch)  # the class statistics of the objective
 
     def stream(start_step=0):
         i = 0

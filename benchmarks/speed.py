@@ -29,6 +29,7 @@ import numpy as np
 
 from benchmarks import speed_report
 from benchmarks.common import ROOT
+from benchmarks.gpu_data import random_data
 
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "speed.md")
 HEAD_SIDE, HEAD_CHANNELS = 7, 2048  # ResNet-50's last feature map at 224 px
@@ -51,7 +52,6 @@ def _run(case: dict, workdir: str):
     """The case's run: the paper's VOC-LT head (D = 768), the full loss from step 0."""
     from configs.voc_lt import get_config
     from mlcnc_jax import experiment, models
-    from mlcnc_jax.data.dataset import MultiLabelDataset, Split
 
     k, b, head = case["num_classes"], case["batch_size"], case["kind"] == "head"
     config = get_config()
@@ -62,12 +62,7 @@ def _run(case: dict, workdir: str):
     # No warm-up and no epoch end while timing: the full loss every step.
     config.train.steps_per_epoch, config.train.num_epochs, config.loss.warmup_epochs = 10**6, 1, 0
     models.register_backbone("speed_feature_map", lambda dtype, _: FeatureMap(dtype))
-    rng, n, size = np.random.default_rng(0), max(b, k), config.data.image_size
-    labels = rng.random((n, k)) < 0.15
-    labels[np.arange(n), np.arange(n) % k] = True  # every image and class has a positive
-    split = Split(rng.integers(0, 256, (n, size, size, 3), np.uint8), labels, list(range(n)))
-    names = [f"class_{i}" for i in range(k)]
-    dataset = MultiLabelDataset("random", names, train=split, test=split)
+    dataset = random_data(config.data.image_size, k, n=max(b, k), positive_rate=0.15)
     return experiment.build(config, workdir, dataset=dataset, reports=False)
 
 
