@@ -17,6 +17,7 @@ it) and the test mAP beats chance (random scores' mean mAP) by `--min_gain` poin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -121,18 +122,18 @@ def run_check(dataset, **options) -> dict:
         t0 = time.perf_counter()
         state = run.placement.place(run.initial_state())
         init_s = time.perf_counter() - t0
-        batches = run.batches(0)
-        batch = run.placement.shard(next(batches))
+        with contextlib.closing(run.batches(0)) as batches:
+            batch = run.placement.shard(next(batches))
         flops = measure.step_flops(run.trainer.train_step, state, batch)
         t0 = time.perf_counter()
         final = run.train().final
         train_eval_s = time.perf_counter() - t0
-        if a.input_check > 0:
-            host_rate = measure.host_input_rate(batches, a.batch_size, a.input_check)
+        if a.input_check > 0:  # a fresh iterator: no batch waits in its queue yet
+            with contextlib.closing(run.batches(0)) as batches:
+                host_rate = measure.host_input_rate(batches, a.batch_size, a.input_check)
             device_rate = measure.device_resident_rate(
                 run.trainer.train_step, state, batch, a.batch_size, a.input_check
             )
-        batches.close()
     chance = chance_map(dataset.test.labels, dataset.class_split)
     warmup, losses, fla = run.steps.warmup_steps, timing.losses, timing.fla
     step_s = float(np.median(timing.times)) if timing.times else None
