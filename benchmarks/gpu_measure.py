@@ -60,7 +60,10 @@ class StepTimes:
 
 
 def step_flops(train_step, state, batch) -> float | None:
-    """XLA's FLOP count of one train step (from the lowered program: no second compile)."""
+    """XLA's FLOP count of one train step (from the lowered program: no second compile).
+
+    Sharded over several devices, XLA counts one device's share: the MFU is per chip.
+    """
     try:
         cost = train_step.lower(state, batch).cost_analysis()
     except Exception:  # noqa: BLE001 - not every backend counts; the column is then empty

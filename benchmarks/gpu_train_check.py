@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     add("--batch_size", type=int, default=64)
     add("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     add("--steps", type=int, default=500)
-    add("--warmup_steps", type=int, default=90, help="FLA-only warm-up steps (5 epochs of 18)")
+    add("--warmup_steps", type=int, default=90, help="FLA-only warm-up steps (5 passes of 18)")
     add("--learning_rate", type=float, default=1e-3)
     add("--logit_scale_init", type=float, default=1.0, help="config.model.logit_scale_init")
     add("--eval_batch_size", type=int, default=100)
