@@ -3,10 +3,12 @@
 The built-in config's backbone is chosen for accuracy per CPU second, and XLA's CPU
 convolutions are slower than PyTorch's (oneDNN) for small ResNets. This script measures
 by how much: the same network (the basic-block ResNet of `models/resnet.py` with the
-given name, global average pooling and a linear classifier), the same batch, BCE and
-Adam, one full training step (forward, backward, update), in JAX (jit) and in PyTorch
-(eager, torch.compile off), timed in alternating rounds in one process so that both
-see the same machine load. Needs torch (a test dependency, not a runtime one).
+given name, global average pooling and a linear classifier), the same batch size, BCE
+and Adam, one full training step (forward, backward, update): in JAX the library's own
+step of the baseline model (`experiment.build(...).trainer.train_step`, which also
+updates the weights' moving average), in PyTorch eager (torch.compile off); timed in
+alternating rounds in one process so that both see the same machine load. Needs torch
+(a test dependency, not a runtime one).
 
     python -m benchmarks.backbone_ratio                       # resnet_small, 32 px, batch 64
     python -m benchmarks.backbone_ratio --backbones resnet_small,resnet18 --image_size 32
@@ -25,51 +27,44 @@ from benchmarks import common
 
 
 def _jax_step(name: str, image_size: int, batch: int, classes: int):
+    """The library's train step of the plain baseline (`experiment.build`, BCE only)."""
+    import tempfile
+
     import jax
-    import jax.numpy as jnp
-    import optax
 
-    from mlcnc_jax.models.mlcnc import Baseline
-    from mlcnc_jax.models.resnet import get_backbone
+    from benchmarks.gpu_data import random_data
+    from configs.default import get_config
+    from mlcnc_jax import experiment
 
-    model = Baseline(backbone=get_backbone(name), num_classes=classes)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)))
-    y = jnp.asarray(np.random.default_rng(1).random((batch, classes)) < 0.1, jnp.float32)
-    variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
-    tx = optax.adam(1e-3)
-    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-
-    @jax.jit
-    def step(state, x, y):
-        params, stats, opt = state
-
-        def loss_fn(p):
-            out, mutated = model.apply(
-                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
-            )
-            return optax.sigmoid_binary_cross_entropy(out["logits"], y).mean(), mutated
-
-        (loss, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return (optax.apply_updates(params, updates), mutated["batch_stats"], opt), loss
-
+    config = get_config()
+    config.model.update(name="baseline", backbone=name, pretrained="none")
+    config.loss.update(two_way=0.0, fla=0.0, fpc=0.0, bce=1.0, warmup_epochs=0)
+    config.data.image_size, config.dtype = image_size, "float32"
+    config.train.batch_size = config.eval.batch_size = batch
+    config.train.steps_per_epoch, config.train.num_epochs = 10**6, 1
+    dataset = random_data(image_size, classes, n=batch, positive_rate=0.1)
+    with tempfile.TemporaryDirectory() as workdir:
+        run = experiment.build(config, workdir, dataset=dataset, reports=False)
+        state = run.placement.place(run.initial_state())
+    train = dataset.train
+    inputs = run.placement.shard({"image": train.images, "labels": train.labels.astype(np.float32)})
     holder = {"state": state}
 
-    def run():
-        holder["state"], loss = step(holder["state"], x, y)
-        loss.block_until_ready()
+    def step():
+        holder["state"], metrics = run.trainer.train_step(holder["state"], inputs)
+        jax.block_until_ready(metrics["loss"])
 
-    return run
+    return step
 
 
 def _torch_step(name: str, image_size: int, batch: int, classes: int):
     import torch
     from torch import nn
 
-    from mlcnc_jax.models.resnet import _CONFIGS, SMALL_STEM_STRIDES
+    from mlcnc_jax.models.resnet import SMALL_STEM_STRIDES, get_backbone
 
-    cfg = _CONFIGS[name]
-    if cfg.get("block", "basic") != "basic" or cfg.get("stem", "imagenet") == "imagenet":
+    net = get_backbone(name)  # the JAX module's architecture: stages, widths, stem
+    if net.block != "basic" or net.stem not in SMALL_STEM_STRIDES:
         raise ValueError(f"{name}: only the small basic-block ResNets are compared here")
 
     class Block(nn.Module):
@@ -89,14 +84,14 @@ def _torch_step(name: str, image_size: int, batch: int, classes: int):
             out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
             return torch.relu(out + (x if self.down is None else self.down(x)))
 
-    widths = cfg["widths"]
+    widths = net.widths
     layers = [
-        nn.Conv2d(3, widths[0], 3, SMALL_STEM_STRIDES[cfg["stem"]], 1, bias=False),
+        nn.Conv2d(3, widths[0], 3, SMALL_STEM_STRIDES[net.stem], 1, bias=False),
         nn.BatchNorm2d(widths[0]),
         nn.ReLU(),
     ]
     cin = widths[0]
-    for i, (n, w) in enumerate(zip(cfg["stage_sizes"], widths, strict=True)):
+    for i, (n, w) in enumerate(zip(net.stage_sizes, widths, strict=True)):
         for j in range(n):
             layers.append(Block(cin, w, 2 if (i > 0 and j == 0) else 1))
             cin = w

@@ -1,8 +1,9 @@
 """Checkpoint save time: orbax's default replica-parallel writing against the project's.
 
-A training state of the default model (params, batch statistics, Adam's two moments, EMA;
-configs/default.py, 20 classes) is replicated over N devices (fake CPU devices unless a
-GPU/TPU is present) and saved by `checkpoint.Checkpointer`, alternately with orbax's
+The training state of the default run (configs/default.py, 20 classes: params, batch
+statistics, Adam's two moments, the EMA, the prototypes), built by `experiment.build` and
+placed by its placement (replicated over N devices: fake CPU devices unless a GPU/TPU is
+present), is saved by `checkpoint.Checkpointer`, alternately with orbax's
 default jax.Array handler (every replica writes a slice of every array) and with the
 project's (`checkpoint.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL`: small arrays from one
 replica). Prints a markdown table of the median save time of each and their ratio.
@@ -29,30 +30,20 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
 
     import jax
-    import numpy as np
     import orbax.checkpoint as ocp
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from benchmarks import common
+    from benchmarks.gpu_data import random_data
     from configs import default
-    from mlcnc_jax import checkpoint, models
+    from mlcnc_jax import checkpoint, experiment
 
     config = default.get_config()
-    model = models.create_model(config, 20)
-    size = config.data.image_size
-    variables = model.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3)), train=False)
-    params = variables["params"]
-    state = {
-        "params": params,
-        "batch_stats": variables.get("batch_stats", {}),
-        "mu": params,
-        "nu": params,
-        "ema": params,
-        "step": np.int32(0),
-    }
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = jax.tree.map(lambda a: jax.device_put(np.asarray(a), replicated), state)
+    config.model.pretrained = "none"
+    config.train.batch_size = config.eval.batch_size = jax.device_count()  # nothing is trained
+    dataset = random_data(config.data.image_size, 20, n=20)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = experiment.build(config, tmp, dataset=dataset, reports=False)
+        state = run.placement.place(run.initial_state())
     leaves = jax.tree.leaves(state)
     megabytes = sum(a.nbytes for a in leaves) / 2**20
 
@@ -85,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(f"- Machine: {common.machine()}; load average (1 min) {load_before:.2f} before.")
     print(
-        f"- State: default model, {len(leaves)} arrays, {megabytes:.1f} MiB, replicated over "
+        f"- State: the default run's training state, {len(leaves)} arrays, {megabytes:.1f} MiB, replicated over "
         f"{jax.device_count()} devices; {args.repeats} saves each, alternating, after a warm-up."
     )
     print()

@@ -89,7 +89,7 @@ class NoTensorFlow(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, NoTensorFlow())
-import benchmarks.gpu_train_check, mlcnc_jax.build, mlcnc_jax.trainer, mlcnc_jax.data.arrays  # noqa: E401,F401
+import benchmarks.gpu_train_check, mlcnc_jax.experiment, mlcnc_jax.trainer, mlcnc_jax.data.feeds  # noqa: E401,F401
 print("ok: the trainer, the numpy input and the GPU check import without TensorFlow")
 EOF
 then

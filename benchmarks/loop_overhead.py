@@ -10,16 +10,14 @@ markdown table of the median time per step of each and their ratio (1.00 = no ov
 
   python -m benchmarks.loop_overhead [--steps 300] [--rounds 5] [--log_every 20]
 
-Runs against any version of the library whose Trainer takes the arguments below (older
-ones without `log_every_steps`/`prefetch`/`image_norm` get float32 images, as their
-pipeline gave).
+The run is built by `experiment.build` (an in-memory dataset, no reports); its Trainer
+evaluates through a stand-in and saves nothing, so that only the loop is timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import io
 import os
 import statistics
@@ -35,38 +33,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args(argv)
 
+    import tempfile
+
     import jax
     import numpy as np
 
     from benchmarks import common
+    from benchmarks.gpu_data import random_data
     from configs import default
-    from mlcnc_jax import console, models, objective, optim, parallel, trainer
-    from mlcnc_jax.state import Schedule, initial_train_state
+    from mlcnc_jax import console, experiment, results
+    from mlcnc_jax.state import StepCounts
 
     k, size = 4, args.image_size
     config = default.get_config()
-    config.model.pretrained = "none"
-    config.model.embed_dim = 16
-    config.model.proj_dim = 4
-    config.model.num_heads = 2
-    config.data.image_size = size
-    config.loss.warmup_epochs = 0
-    plan = Schedule(steps_per_epoch=args.steps, total_steps=args.steps, warmup_steps=0)
-    placement = parallel.Placement("jit")
-    model = models.create_model(config, k)
-    tx, lr_schedule = optim.create_optimizer(config, plan.total_steps)
-    loss_fn = objective.make_objective(
-        config.loss, objective.ClassStats(np.full(k, 10.0), 40), warmup_steps=0
-    )
-    takes = inspect.signature(trainer.Trainer).parameters
-    uint8 = "image_norm" in takes
-    extra = {}
-    if uint8:
-        extra = {
-            "log_every_steps": args.log_every,
-            "prefetch": 2,
-            "image_norm": (tuple(config.data.mean), tuple(config.data.std)),
-        }
+    config.model.update(pretrained="none", embed_dim=16, proj_dim=4, num_heads=2)
+    config.data.image_size, config.loss.warmup_epochs = size, 0
+    config.train.update(batch_size=args.batch, steps_per_epoch=args.steps, num_epochs=1)
+    config.train.update(log_every_steps=args.log_every, prefetch_batches=2, ema_decay=0.99)
+    config.train.update(eval_every_epochs=10**6, checkpoint_every_steps=10**9)
+    config.eval.batch_size = args.batch
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(8):
+        pixels = rng.integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
+        labels = (rng.random((args.batch, k)) < 0.5).astype(np.float32)
+        labels[:, 0] = 1.0
+        batches.append({"image": pixels, "labels": labels})
+    dataset = random_data(size, k, n=args.batch)  # the class statistics of the objective
+
+    def stream(start_step=0):
+        i = 0
+        while True:
+            yield batches[i % len(batches)]
+            i += 1
 
     class Means:  # what the run's reports do with the metrics: running means
         def __init__(self):
@@ -76,46 +75,26 @@ def main(argv: list[str] | None = None) -> None:
             for key, value in metrics.items():
                 self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
-    bar = console.Console(plan, args.batch)
-    loop = trainer.Trainer(
-        model=model,
-        tx=tx,
-        loss_fn=loss_fn,
-        lr_schedule=lr_schedule,
-        plan=plan,
-        # The plan's last step is evaluated: a stand-in, so that no evaluation is timed.
-        evaluate=lambda state: {name: {"map": {"total": 0.0}} for name in ("raw", "ema")},
-        placement=placement,
-        ema_decay=0.99,
-        checkpointer=None,
-        hooks=[bar, Means()],
-        eval_every_steps=10**9,
-        checkpoint_every_steps=10**9,
-        **extra,
-    )
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(8):
-        pixels = rng.integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8)
-        labels = (rng.random((args.batch, k)) < 0.5).astype(np.float32)
-        labels[:, 0] = 1.0
-        image = pixels if uint8 else (pixels / 255.0 - 0.45).astype(np.float32) / 0.225
-        batches.append({"image": image, "labels": labels})
-
-    def stream():
-        i = 0
-        while True:
-            yield batches[i % len(batches)]
-            i += 1
-
-    fresh = initial_train_state(config, model, tx, k)
+    bar = console.Console(StepCounts(args.steps, args.steps, 0), args.batch)
+    workdir = tempfile.TemporaryDirectory()
+    run = experiment.build(
+        config, workdir.name, dataset=dataset, train_batches=stream, hooks=[bar, Means()],
+        reports=False,
+    )  # fmt: skip
+    loop, placement = run.trainer, run.placement
+    # The last step is evaluated and saved: a stand-in evaluation and no checkpointer, so
+    # that only the loop is timed.
+    zero = results.Scores(results.GroupMAP(0.0, 0.0, 0.0, 0.0), np.zeros(k), {})
+    loop.evaluate = lambda state: results.Evaluation(int(state.step), zero, zero, 0, 0)
+    loop.checkpointer = None
+    fresh = run.initial_state()
     on_device = [placement.shard(b) for b in batches]
     step_fn = loop.train_step
 
     def run_trainer() -> float:
         state = jax.tree.map(np.asarray, fresh)
         start = time.perf_counter()
-        loop.train(state, stream())
+        loop.train(state, run.batches(0))
         return time.perf_counter() - start
 
     def run_bare() -> float:
@@ -127,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         return time.perf_counter() - start
 
     load_before = os.getloadavg()
-    with contextlib.redirect_stderr(io.StringIO()):  # the console's bar: keep the table clean
+    # The console's bar and lines: keep the table clean.
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         run_trainer()  # compiles the step (the bare loop reuses it)
         run_bare()
         trainer_s, bare_s = [], []
@@ -135,13 +115,14 @@ def main(argv: list[str] | None = None) -> None:
             trainer_s.append(run_trainer() / args.steps)
             bare_s.append(run_bare() / args.steps)
     load_after = os.getloadavg()
+    workdir.cleanup()
     t, b = statistics.median(trainer_s), statistics.median(bare_s)
     print(f"\nMachine: {common.machine()}")
     print(
         f"Load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
         f"{args.rounds} rounds of {args.steps} steps, medians; batch {args.batch}, "
-        f"{size} px, {k} classes; images as {'uint8' if uint8 else 'float32'}; "
-        f"metrics fetched every {args.log_every if uint8 else 1} step(s).\n"
+        f"{size} px, {k} classes; images as uint8; "
+        f"metrics fetched every {args.log_every} step(s).\n"
     )
     print(
         common.markdown_table(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks import speed
+from benchmarks import speed, speed_report
 
 
 def _cells(line: str) -> list[str]:
@@ -12,7 +12,7 @@ def _cells(line: str) -> list[str]:
 
 
 def test_head_case_runs_the_real_step_and_counts_its_flops():
-    k, b = 3, 2
+    k, b = 3, 8  # b: a multiple of the tests' 8 devices
     r = speed.run_case(
         {"kind": "head", "num_classes": k, "batch_size": b, "dtype": "float32", "steps": 2}
     )
@@ -57,7 +57,7 @@ def test_full_table_columns_and_derived_numbers():
         _result(num_classes=80, flops_per_step=None),
         {**_result(batch_size=128), "skipped": "time budget 100 s spent"},
     ]
-    lines = speed.full_table(rows, {"float32": 1e12}).splitlines()
+    lines = speed_report.full_table(rows, {"float32": 1e12}).splitlines()
     assert len(lines) == 2 + len(rows)
     header = _cells(lines[0])
     assert all(len(_cells(line)) == len(header) for line in lines)
@@ -77,7 +77,7 @@ def test_head_table_compares_with_the_authors_numbers():
         _result(kind="head", num_classes=80, step_s=0.0549, flops_per_step=8e9),
         _result(kind="head", num_classes=7, step_s=0.01, flops_per_step=1e9),
     ]
-    lines = speed.head_table(rows).splitlines()
+    lines = speed_report.head_table(rows).splitlines()
     header = _cells(lines[0])
     r20, r80, r7 = (dict(zip(header, _cells(line), strict=True)) for line in lines[2:])
     assert r20["ours / authors"] == "0.500" and r20["speed-up"] == "2.0x"  # 43.5 / 87 ms
@@ -88,9 +88,9 @@ def test_head_table_compares_with_the_authors_numbers():
 
 def test_write_section_replaces_only_its_own_section(tmp_path):
     path = str(tmp_path / "speed.md")
-    speed.write_section(path, "cpu-cpu", "CPU table v1")
-    speed.write_section(path, "gpu-H100", "GPU table")
-    speed.write_section(path, "cpu-cpu", "CPU table v2")
+    speed_report.write_section(path, "cpu-cpu", "CPU table v1")
+    speed_report.write_section(path, "gpu-H100", "GPU table")
+    speed_report.write_section(path, "cpu-cpu", "CPU table v2")
     text = open(path).read()
     assert text.startswith("# Training speed")
     assert "CPU table v2" in text and "CPU table v1" not in text and "GPU table" in text

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import gpu_train_check as check
+from benchmarks import gpu_measure as check
 
 
 def test_device_resident_rate_times_steps_after_one_untimed_call(monkeypatch):
@@ -98,3 +98,28 @@ def test_step_times_reported_a_log_interval_at_a_time(monkeypatch):
     assert t.times == pytest.approx([0.1, 0.1], abs=1e-5)
     assert t.compile_s == pytest.approx(10.0 - 3 * 0.1, abs=1e-4)
     assert len(t.losses) == 12
+
+
+@pytest.mark.parametrize(
+    "model,steps,warmup,epoch,warmup_steps",
+    [("mlcnc", 500, 90, 10, 90), ("mlcnc", 6, 2, 2, 2), ("mlcnc", 36, 0, 18, 0),
+     ("baseline", 500, 90, 10, 0), ("mlcnc", 7, 3, 1, 3)],
+)  # fmt: skip
+def test_the_run_takes_exactly_the_asked_steps_and_warm_up(
+    model, steps, warmup, epoch, warmup_steps
+):
+    # 1,104 images at batch 64: one pass is 18 steps; the epoch is the longest one up to
+    # that which both counts fill whole (500 and 90: 10; 36 and 0: 18; 7 and 3: 1).
+    from benchmarks import gpu_train_check
+    from mlcnc_jax.state import step_counts
+
+    args = gpu_train_check.parser().parse_args(
+        ["--model", model, "--steps", str(steps), "--warmup_steps", str(warmup)]
+    )
+    config = gpu_train_check.run_config(args, num_train=1104)
+    counts = step_counts(config, np.zeros((1104, 3), np.uint8))
+    assert counts.steps_per_epoch == epoch
+    assert counts.total_steps == steps and counts.warmup_steps == warmup_steps
+    # One evaluation and one save, at the last step.
+    assert config.train.eval_every_epochs * epoch == steps
+    assert config.train.checkpoint_every_steps == steps
