@@ -1,7 +1,7 @@
 """MLC-NC on VOC-LT with a CLIP ViT-B/16 image encoder (OpenAI weights), 224 px.
 
 The MLC-NC head, losses, schedules and sampling are those of configs/voc_lt.py and its
-recipe (configs/recipes.py): `--config=configs/voc_lt_clip.py` ('reference', the authors'
+recipe (mlcnc_jax/configuration/_recipes.py): `--config=configs/voc_lt_clip.py` ('reference', the authors'
 code) or `--config=configs/voc_lt_clip.py:paper` (the paper's text). What changes is the
 backbone and how it is fine-tuned:
 

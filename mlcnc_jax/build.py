@@ -21,18 +21,18 @@ from flax import linen as nn
 from mlcnc_jax import (
     checkpoint,
     checkpoint_health,
+    configuration,
     console,
     objective,
     optim,
     parallel,
     prototypes,
-    run_config,
     storage,
 )
 from mlcnc_jax.backbone_weights import check_pretrained_path, load_pretrained, pretrained_path
+from mlcnc_jax.configuration import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.evaluation import Evaluator
 from mlcnc_jax.models import create_model
-from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.state import Schedule, TrainState, create_train_state, init_variables, make_schedule
 from mlcnc_jax.trainer import Hook, Trainer
 
@@ -116,17 +116,17 @@ class Experiment:
 
         Args:
           training: the state a training run starts from: a fresh run saves its config
-            (config.json); a resumed one is checked against it (`run_config.check_resume`).
+            (config.json); a resumed one is checked against it (`configuration.check_resume`).
         """
         state = initial_train_state(self.config, self.model, self.tx, self.dataset.num_classes)
         step = self.restore_step(training=training)
         is_main = jax.process_index() == 0
         if step is None:
             if training:
-                run_config.save_config(self.workdir, self.config, jax.process_index())
+                configuration.save_config(self.workdir, self.config, jax.process_index())
             return state
         if training:
-            run_config.check_resume(
+            configuration.check_resume(
                 self.workdir,
                 self.config,
                 self.resume.allow_config_change,

@@ -90,9 +90,10 @@ def make_plan(config: ml_collections.ConfigDict, train_labels: np.ndarray, num_t
 
 
 def _recipe_changes(config: ml_collections.ConfigDict) -> dict:
-    from configs import recipes  # the recipe tables live with the config files
+    from mlcnc_jax import configuration
 
-    return {k: {"recipe": a, "config": b} for k, (a, b) in recipes.differences(config).items()}
+    differences = configuration.recipe_differences(config)
+    return {k: {"recipe": a, "config": b} for k, (a, b) in differences.items()}
 
 
 def format_plan(p: dict) -> str:

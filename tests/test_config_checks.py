@@ -7,15 +7,16 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import ablations, coco_lt, coco_lt_clip, custom, default, pretrain, voc_lt, voc_lt_clip
-from mlcnc_jax import config_checks
+from mlcnc_jax import configuration
+from mlcnc_jax.configuration import _checks
 
 
 def test_shipped_configs_are_valid():
     for module in (default, coco_lt, voc_lt, custom, pretrain, voc_lt_clip, coco_lt_clip):
-        config_checks.validate(module.get_config())
+        configuration.validate(module.get_config())
     for name in ablations.VARIANTS:
-        config_checks.validate(ablations.get_config(name))
-        config_checks.validate(ablations.get_config(f"{name},voc_lt_clip"))
+        configuration.validate(ablations.get_config(name))
+        configuration.validate(ablations.get_config(f"{name},voc_lt_clip"))
 
 
 def test_one_error_names_every_bad_field_and_its_range():
@@ -30,7 +31,7 @@ def test_one_error_names_every_bad_field_and_its_range():
     c.model.attention = "dot"
     c.loss.fpc = -0.1
     with pytest.raises(ValueError) as e:
-        config_checks.validate(c)
+        configuration.validate(c)
     text = str(e.value)
     for line in (
         "config.train.keep_checkpoints = 0: must be an integer >= 1",
@@ -76,7 +77,7 @@ def test_each_rule(key, value, words):
     section, _, leaf = key.rpartition(".")
     (c[section] if section else c)[leaf] = value
     with pytest.raises(ValueError, match=f"config.{key} = ") as e:
-        config_checks.validate(c)
+        configuration.validate(c)
     assert words in str(e.value)
 
 
@@ -85,9 +86,9 @@ def test_relations_between_fields():
     c.data.resize_size = 16  # image_size 32
     c.model.num_heads = 7  # embed_dim 128
     c.data.tail_max = 200  # head_min 100
-    for w in config_checks.LOSS_WEIGHTS:
+    for w in configuration.LOSS_WEIGHTS:
         c.loss[w] = 0.0
-    found = config_checks.problems(c)
+    found = configuration.problems(c)
     assert len(found) == 4
     assert any("resize_size must be >= image_size" in f for f in found)
     assert any("divisible by num_heads" in f for f in found)
@@ -100,26 +101,26 @@ def test_allowed_values_match_the_modules_that_use_them():
     from mlcnc_jax.data import pipeline
     from mlcnc_jax.models import mlcnc
 
-    assert config_checks.SAMPLINGS == pipeline.SAMPLINGS
-    assert config_checks.MODEL_NAMES == models.MODELS
-    assert config_checks.DTYPES == tuple(models.DTYPES)
-    assert config_checks.ATTENTIONS == mlcnc.ATTENTIONS
-    assert config_checks.CLASSIFIERS == mlcnc.CLASSIFIERS
-    assert config_checks.PROTOTYPES == prototypes.MODES
-    assert config_checks.OPTIMIZERS == optim.OPTIMIZERS
-    assert config_checks.SCHEDULES == optim.SCHEDULES
-    assert config_checks.RESNET_BACKBONES == models.resnet.BACKBONES
+    assert configuration.SAMPLINGS == pipeline.SAMPLINGS
+    assert configuration.MODEL_NAMES == models.MODELS
+    assert configuration.DTYPES == tuple(models.DTYPES)
+    assert configuration.ATTENTIONS == mlcnc.ATTENTIONS
+    assert configuration.CLASSIFIERS == mlcnc.CLASSIFIERS
+    assert configuration.PROTOTYPES == prototypes.MODES
+    assert configuration.OPTIMIZERS == optim.OPTIMIZERS
+    assert configuration.SCHEDULES == optim.SCHEDULES
+    assert configuration.RESNET_BACKBONES == models.resnet.BACKBONES
     # Every loss weight and every rule names a declared field.
-    keys = set(config_checks.flatten_keys(default.get_config()))
-    assert {k for k in config_checks._RULES} <= keys
+    keys = set(configuration.flatten_keys(default.get_config()))
+    assert {k for k in _checks._RULES} <= keys
 
 
 def test_suggest_key():
     c = default.get_config()
-    assert config_checks.suggest_key("train.bach_size", c) == "train.batch_size"
-    assert config_checks.suggest_key("config.trian.batch_size", c) == "train.batch_size"
-    assert config_checks.suggest_key("model.atention", c) == "model.attention"
-    assert config_checks.suggest_key("zzz.qqqq", c) == ""
+    assert configuration.suggest_key("train.bach_size", c) == "train.batch_size"
+    assert configuration.suggest_key("config.trian.batch_size", c) == "train.batch_size"
+    assert configuration.suggest_key("model.atention", c) == "model.attention"
+    assert configuration.suggest_key("zzz.qqqq", c) == ""
 
 
 def _parse(argv, monkeypatch):
@@ -142,10 +143,10 @@ def test_format_config_error_of_a_misspelt_override(override, bad, good, monkeyp
     argv = ["run.py", "--config=configs/default.py", override]
     with pytest.raises((KeyError, AttributeError)) as e:
         _parse(argv, monkeypatch)
-    line = config_checks.format_config_error(e.value, argv=argv)
+    line = configuration.format_config_error(e.value, argv=argv)
     assert line == (
         f"unknown config field {bad!r} ({override}): did you mean --config.{good}? "
-        "Every field is declared in configs/default.py."
+        "Every field is declared in mlcnc_jax/configuration/_schema.py."
     )
     assert "\n" not in line
 
@@ -153,15 +154,15 @@ def test_format_config_error_of_a_misspelt_override(override, bad, good, monkeyp
 def test_format_config_error_leaves_other_errors_alone(monkeypatch):
     argv = ["run.py", "--config=configs/default.py", "--config.train.batch_size=8"]
     assert _parse(argv, monkeypatch).config.train.batch_size == 8
-    assert config_checks.format_config_error(ValueError("x"), argv=argv) is None
-    assert config_checks.format_config_error(KeyError("x"), argv=argv) is None
+    assert configuration.format_config_error(ValueError("x"), argv=argv) is None
+    assert configuration.format_config_error(KeyError("x"), argv=argv) is None
 
 
 def test_batches_must_divide_among_the_devices():
     c = default.get_config()
     c.train.batch_size = 12
-    assert config_checks.problems(c, num_devices=4) == []
-    found = config_checks.problems(c, num_devices=8)
+    assert configuration.problems(c, num_devices=4) == []
+    found = configuration.problems(c, num_devices=8)
     assert found == [
         "config.train.batch_size = 12: must be a multiple of the 8 devices (every device gets "
         "an equal share of each batch)"

@@ -46,7 +46,7 @@ def registered():
 
 def test_a_new_loss_and_backbone_train_through_the_config(registered):
     c = default.get_config()
-    # Step 2 for a loss: its weight, declared in configs/default.py (here: in the test).
+    # Step 2 for a loss: its weight, declared in configuration/_schema.py (here: in the test).
     with c.unlocked():
         c.loss.mean_logit = 0.0
     c.loss.mean_logit = 0.5
@@ -76,7 +76,7 @@ def test_a_new_loss_and_backbone_train_through_the_config(registered):
 
 def test_a_loss_without_a_config_weight_is_refused_naming_the_fix(registered):
     c = default.get_config()
-    with pytest.raises(ValueError, match=r"c\.loss\.mean_logit = 0\.0.*configs/default\.py"):
+    with pytest.raises(ValueError, match=r"c\.loss\.mean_logit = 0\.0.*configuration/_schema\.py"):
         objective.make_objective(c.loss, objective.ClassStats(np.ones(3), 4))
 
 

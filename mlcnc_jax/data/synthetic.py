@@ -37,7 +37,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw, ImageFont
 
-from mlcnc_jax import config_checks
+from mlcnc_jax import configuration
 from mlcnc_jax.data import dataset as dataset_lib
 from mlcnc_jax.errors import UserError
 
@@ -110,7 +110,7 @@ NOISE_MAX = 6.0
 # class, with more objects per image than the test split (its own object mix), cut to a
 # long tail by lt_builder.build_long_tail (Pareto profile from DBLOSS_MAX_COUNT down to
 # DBLOSS_MIN_COUNT images, the first-ranked class largest).
-TRAIN_SPLITS = config_checks.SYNTHETIC_TRAIN_SPLITS
+TRAIN_SPLITS = configuration.SYNTHETIC_TRAIN_SPLITS
 # With these values: about 1,100 images (seed 0: 1,094; 6/7/7 head/medium/tail; 1.84
 # objects per image against the planned split's 1.58).
 DBLOSS_POOL_PER_CLASS = 1000

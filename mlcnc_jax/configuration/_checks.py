@@ -26,6 +26,7 @@ from typing import Any
 
 import ml_collections
 
+from mlcnc_jax.configuration._schema import default_config
 from mlcnc_jax.errors import UserError
 
 # Allowed values of the enumerated string fields (tests/test_config_checks.py checks that they
@@ -55,7 +56,7 @@ RESNET_BACKBONES = (
 LOSS_WEIGHTS = ("two_way", "bce", "focal", "asl", "db", "fla", "fpc")
 
 # Where the schema is declared, for the messages.
-SCHEMA_FILE = "configs/default.py"
+SCHEMA_FILE = "mlcnc_jax/configuration/_schema.py"
 
 
 def _is_int(v: Any) -> bool:
@@ -196,7 +197,7 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     """Every problem of `config`, one sentence each (none: an empty list); see `validate`.
 
     Args:
-      config: the experiment config (schema in configs/default.py).
+      config: the experiment config (schema: `default_config`).
       num_devices: the number of devices of the run (jax.device_count(), all hosts), to check
         that the batches divide among them; None skips that check.
 
@@ -351,7 +352,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     """Checks every field of `config` at once, before any data is loaded.
 
     Args:
-      config: the experiment config (schema in configs/default.py).
+      config: the experiment config (schema: `default_config`).
       num_devices: the number of devices of the run (all hosts), to check that the batches
         divide among them; None skips that check.
 
@@ -417,12 +418,6 @@ def unknown_overrides(
     return unknown
 
 
-def _default_config() -> ml_collections.ConfigDict:
-    from configs import default  # the whole schema is declared there
-
-    return default.get_config()
-
-
 def format_config_error(
     exc: BaseException,
     config: ml_collections.ConfigDict | None = None,
@@ -437,19 +432,20 @@ def format_config_error(
 
     Args:
       exc: the exception raised while parsing the flags.
-      config: the config whose keys are valid (default: configs/default.py, which declares
+      config: the config whose keys are valid (default: `default_config()`, which declares
         every field).
       argv: the command line (default: sys.argv).
 
     Returns:
       E.g. "unknown config field 'train.bach_size' (--config.train.bach_size=8): did you mean
-      --config.train.batch_size? Every field is declared in configs/default.py.", or None when
+      --config.train.batch_size? Every field is declared in
+      mlcnc_jax/configuration/_schema.py.", or None when
       `exc` is not about an unknown config key (re-raise it then).
     """
     if not isinstance(exc, KeyError | AttributeError):
         return None
     if config is None:
-        config = _default_config()
+        config = default_config()
     argv = list(sys.argv if argv is None else argv)
     unknown = unknown_overrides(argv, config)
     if not unknown:
