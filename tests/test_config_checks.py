@@ -1,5 +1,8 @@
 """Config validation before anything is built, and the one-line error for misspelt keys."""
 
+import ast
+import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -86,14 +89,17 @@ def test_relations_between_fields():
     c.data.resize_size = 16  # image_size 32
     c.model.num_heads = 7  # embed_dim 128
     c.data.tail_max = 200  # head_min 100
-    for w in configuration.LOSS_WEIGHTS:
+    for w in ("two_way", "bce", "focal", "asl", "db", "fla", "fpc"):
         c.loss[w] = 0.0
     found = configuration.problems(c)
     assert len(found) == 4
     assert any("resize_size must be >= image_size" in f for f in found)
     assert any("divisible by num_heads" in f for f in found)
     assert any("tail_max must be <= head_min" in f for f in found)
-    assert any("loss weights are all 0" in f for f in found)
+    assert (
+        "config.loss weights are all 0: set at least one of loss.two_way, loss.bce, loss.focal, "
+        "loss.asl, loss.db, loss.fla, loss.fpc above 0"
+    ) in found
 
 
 def test_allowed_values_match_the_modules_that_use_them():
@@ -109,10 +115,98 @@ def test_allowed_values_match_the_modules_that_use_them():
     assert configuration.PROTOTYPES == prototypes.MODES
     assert configuration.OPTIMIZERS == optim.OPTIMIZERS
     assert configuration.SCHEDULES == optim.SCHEDULES
-    assert configuration.RESNET_BACKBONES == models.resnet.BACKBONES
-    # Every loss weight and every rule names a declared field.
+    # Every rule (one per registered loss term's weight) names a declared field.
     keys = set(configuration.flatten_keys(default.get_config()))
-    assert {k for k in _checks._RULES} <= keys
+    assert {k for k, _ in _checks._rules()} <= keys
+    assert {f"loss.{name}" for name in configuration.loss_weight_names()} <= keys
+
+
+@pytest.fixture
+def new_loss():
+    """A loss term registered after the built-in ones, with its weight declared."""
+    from mlcnc_jax import objective
+
+    objective.register_loss("new_term")(lambda inputs: 0.0)
+    c = default.get_config()
+    with c.unlocked():
+        c.loss.new_term = 0.0
+    yield c
+    objective.TERMS.pop("new_term")
+
+
+def test_a_newly_registered_loss_gets_its_weight_checked(new_loss):
+    c = new_loss
+    c.loss.new_term = -0.5
+    assert configuration.problems(c) == ["config.loss.new_term = -0.5: must be a number >= 0"]
+    c.loss.new_term = 0.5
+    assert configuration.problems(c) == []
+
+
+def test_a_newly_registered_loss_counts_among_the_weights(new_loss):
+    c = new_loss
+    for w in ("two_way", "fla", "fpc"):  # the default's non-zero weights
+        c.loss[w] = 0.0
+    c.loss.new_term = 1.0
+    assert configuration.problems(c) == []  # its term alone is a whole objective
+    c.loss.new_term = 0.0
+    (found,) = configuration.problems(c)
+    assert found.startswith("config.loss weights are all 0") and "loss.new_term" in found
+
+
+def test_the_backbone_is_one_of_the_registered_ones():
+    from mlcnc_jax import models
+
+    c = default.get_config()
+    c.model.backbone = "my_net"
+    (found,) = configuration.problems(c)
+    assert found.startswith("config.model.backbone = 'my_net': must be one of 'resnet18'")
+    assert found.endswith("(models.register_backbone adds one)")
+    models.register_backbone("my_net", lambda dtype, axis_name: None)
+    try:
+        assert configuration.problems(c) == []
+        c.train.layer_decay = 0.8  # not a ResNet: the layer-decay check lets it through
+        assert configuration.problems(c) == []
+        c.model.backbone = "resnet18"
+        (found,) = configuration.problems(c)
+        assert "a ResNet has none" in found
+    finally:
+        models._BACKBONES.pop("my_net")
+
+
+def test_the_config_layer_imports_neither_jax_nor_tensorflow():
+    # Checks and config files run before JAX starts (a misspelt key, a multi-host start).
+    code = (
+        "import sys\n"
+        "from mlcnc_jax import configuration\n"
+        "from configs import ablations, coco_lt_clip, custom, pretrain\n"
+        "c = ablations.get_config('bce_uniform,coco_lt_clip')\n"
+        "configuration.resolve_config('default')\n"
+        "configuration.format_config_error(KeyError('x'), argv=['x', '--config.trian.x=1'])\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in "
+        "('jax', 'jaxlib', 'flax', 'tensorflow', 'tensorflow_datasets', 'torch')]\n"
+        "assert not heavy, heavy\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_library_does_not_import_the_configs_package():
+    # configs/ holds the user's experiment files; the library's schema is its own.
+    root = pathlib.Path(__file__).resolve().parents[1]
+    importers = []
+    for path in (root / "mlcnc_jax").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            if any(n == "configs" or n.startswith("configs.") for n in names):
+                importers.append(str(path.relative_to(root)))
+    assert importers == []
 
 
 def test_suggest_key():
