@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_config(a: argparse.Namespace, num_train: int):
+def experiment_config(a: argparse.Namespace, num_train: int):
     """The default config with the check's settings, for a run of exactly `a.steps` steps."""
     from configs.default import get_config
 
@@ -109,7 +109,7 @@ def run_check(dataset, **options) -> dict:
     vars(a).update(options)
     timing, host_rate, device_rate = measure.StepTimes(), None, None
     with tempfile.TemporaryDirectory() as workdir:
-        config = run_config(a, len(dataset.train))
+        config = experiment_config(a, len(dataset.train))
         run = experiment.build(config, workdir, dataset=dataset, hooks=[timing], reports=False)
         t0 = time.perf_counter()
         state = run.placement.place(run.initial_state())

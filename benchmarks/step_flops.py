@@ -29,9 +29,9 @@ DEFAULT_CONFIGS = ("coco_lt", "coco_lt:paper", "voc_lt", "voc_lt:paper")
 
 def load_config(value: str):
     """A config from a --config value: a built-in name or a file, with an optional ':ARG'."""
-    from mlcnc_jax import config_files
+    from mlcnc_jax import configuration
 
-    path, _, argument = config_files.resolve_config(value).partition(":")
+    path, _, argument = configuration.resolve_config(value).partition(":")
     spec = importlib.util.spec_from_file_location("_step_flops_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

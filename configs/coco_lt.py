@@ -1,7 +1,8 @@
 """MLC-NC on COCO-LT: as configs/voc_lt.py (same recipes) on COCO 2017.
 
 Training recipe: --config=configs/coco_lt.py ('reference', the authors' code) or
---config=configs/coco_lt.py:paper (the paper's text); see configs/recipes.py.
+--config=configs/coco_lt.py:paper (the paper's text); see
+mlcnc_jax/configuration/_recipes.py.
 
 Data: --config.data.root=DIR where DIR holds annotations/instances_{train,val}2017.json,
 train2017/ and val2017/. The long-tailed split files go in DIR/lt_splits/ (or

@@ -1,6 +1,7 @@
 """MLC-NC on VOC-LT: ResNet-50 from ImageNet, 224 px, 100 class-aware epochs (docs/method.md §3).
 
-Training recipe, by the config argument (configs/recipes.py says what each sets):
+Training recipe, by the config argument (mlcnc_jax/configuration/_recipes.py says what each
+sets):
     --config=configs/voc_lt.py              'reference': the authors' code as it runs
     --config=configs/voc_lt.py:paper        'paper': the paper's text (frozen ETF classifier,
                                             FPC 0.2, previous-epoch prototypes)
@@ -12,7 +13,8 @@ Weights: torchvision ResNet-50 ImageNet weights as .safetensors (or .pth with
 torch installed) at --config.model.pretrained.
 """
 
-from configs import default, recipes
+from configs import default
+from mlcnc_jax import configuration
 
 
 def get_config(recipe: str = "reference"):
@@ -34,4 +36,4 @@ def get_config(recipe: str = "reference"):
     c.train.log_every_steps = 50
     c.train.checkpoint_every_steps = 1000
     c.eval.batch_size = 64
-    return recipes.apply(c, recipe)
+    return configuration.apply_recipe(c, recipe)

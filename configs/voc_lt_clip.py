@@ -1,9 +1,9 @@
 """MLC-NC on VOC-LT with a CLIP ViT-B/16 image encoder (OpenAI weights), 224 px.
 
 The MLC-NC head, losses, schedules and sampling are those of configs/voc_lt.py and its
-recipe (configs/recipes.py): `--config=configs/voc_lt_clip.py` ('reference', the authors'
-code) or `--config=configs/voc_lt_clip.py:paper` (the paper's text). What changes is the
-backbone and how it is fine-tuned:
+recipe (mlcnc_jax/configuration/_recipes.py): `--config=configs/voc_lt_clip.py`
+('reference', the authors' code) or `--config=configs/voc_lt_clip.py:paper` (the paper's
+text). What changes is the backbone and how it is fine-tuned:
 
 - backbone `clip_vit_b16` (models/vit.py): 196 patch tokens of width 768 (the class token
   is not passed to the head), so model.embed_dim = 768, the token width, as for ResNet-50;

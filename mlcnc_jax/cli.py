@@ -22,11 +22,10 @@ from collections.abc import Callable, Iterator, Sequence
 import ml_collections
 from absl import app, flags, logging
 
-from mlcnc_jax import run_config, storage
-from mlcnc_jax.config_files import resolve_config_argv
+from mlcnc_jax import configuration, storage
+from mlcnc_jax.configuration import DEFAULT_RESUME, ResumeOptions, resolve_config_argv
 from mlcnc_jax.errors import UserError
 from mlcnc_jax.results import RunResult
-from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 
 MODES = ["train", "eval", "predict", "data_stats", "plan"]
 FLAGS = flags.FLAGS
@@ -163,7 +162,7 @@ def _main(argv: list[str]) -> None:
                 restore_step=FLAGS.restore_step,
                 force_unlock=FLAGS.force_unlock,
             ),
-            overrides=run_config.command_line_overrides(sys.argv),
+            overrides=configuration.command_line_overrides(sys.argv),
         )
     except KeyboardInterrupt:
         # Ctrl-C ends a run as SIGTERM does: the lock is released on the way out, saved
@@ -271,9 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyError, AttributeError) as e:
         # What config_flags raises for a misspelt --config.KEY while parsing: one line with
         # the closest declared key instead of a traceback.
-        from mlcnc_jax import config_checks
-
-        message = config_checks.format_config_error(e, argv=argv)
+        message = configuration.format_config_error(e, argv=argv)
         if message is None:
             raise
         sys.exit(f"{os.path.basename(argv[0])}: {message}")
@@ -307,7 +304,7 @@ def run(
       wrap_batches: wraps the training iterator (train mode; see `experiment.Experiment.train`).
       resume: how a run in a workdir with checkpoints resumes (train mode).
       overrides: the config fields set on the command line; eval and predict start from
-        the workdir's saved config and take only these (see `run_config.config_for_eval`;
+        the workdir's saved config and take only these (see `configuration.config_for_eval`;
         None: every field where `config` differs from the saved one).
 
     Returns:
@@ -350,13 +347,13 @@ def run(
 def _run(config, workdir, mode, hooks, wrap_batches, resume, overrides):
     import jax
 
-    from mlcnc_jax import config_checks, workdir_lock
+    from mlcnc_jax import workdir_lock
 
     workdir = storage.resolve(workdir)  # bucket URLs (gs://...) stay as they are
     num_devices = _start_backend()
     if mode in ("eval", "predict"):
-        config = run_config.config_for_eval(workdir, config, overrides)
-    config_checks.validate(config, num_devices)  # before any data is read
+        config = configuration.config_for_eval(workdir, config, overrides)
+    configuration.validate(config, num_devices)  # before any data is read
     if mode in ("train", "eval", "predict"):
         check_model_inputs(config, training=mode == "train")
     if mode == "data_stats":

@@ -24,21 +24,21 @@ from flax import linen as nn
 from mlcnc_jax import (
     checkpoint,
     checkpoint_health,
+    configuration,
     console,
     objective,
     optim,
     parallel,
-    run_config,
     storage,
 )
 from mlcnc_jax.backbone_weights import check_pretrained_path, pretrained_path
+from mlcnc_jax.configuration import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.data import feeds
 from mlcnc_jax.data.dataset import MultiLabelDataset
 from mlcnc_jax.evaluation import Evaluator
 from mlcnc_jax.models import ModelFamily, create_model, get_family
 from mlcnc_jax.reports import is_reported_everywhere, run_hooks
 from mlcnc_jax.results import RunResult
-from mlcnc_jax.run_config import DEFAULT_RESUME, ResumeOptions
 from mlcnc_jax.state import StepCounts, TrainState, initial_train_state, step_counts
 from mlcnc_jax.trainer import Hook, Trainer
 
@@ -100,17 +100,17 @@ class Experiment:
 
         Args:
           training: the state a training run starts from: a fresh run saves its config
-            (config.json); a resumed one is checked against it (`run_config.check_resume`).
+            (config.json); a resumed one is checked against it (`configuration.check_resume`).
         """
         state = initial_train_state(self.config, self.model, self.tx, self.dataset.num_classes)
         step = self.restore_step(training=training)
         is_main = jax.process_index() == 0
         if step is None:
             if training:
-                run_config.save_config(self.workdir, self.config, jax.process_index())
+                configuration.save_config(self.workdir, self.config, jax.process_index())
             return state
         if training:
-            run_config.check_resume(
+            configuration.check_resume(
                 self.workdir,
                 self.config,
                 self.resume.allow_config_change,

@@ -14,8 +14,9 @@ Adding a loss:
     def my_loss(inputs: objective.LossInputs):
         return losses.bce_loss(inputs.outputs["logits"], inputs.labels)
 
-and declare its weight, `c.loss.my_loss = 0.0`, in configs/default.py (the config
-is locked); then `--config.loss.my_loss=1.0` turns it on.
+and declare its weight, `c.loss.my_loss = 0.0`, in the schema,
+mlcnc_jax/configuration/_schema.py (the config is locked); then `--config.loss.my_loss=1.0`
+turns it on.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def weight_of(loss_config: ml_collections.ConfigDict, name: str) -> float:
     if name not in loss_config:
         raise ValueError(
             f"The loss term {name!r} has no weight in config.loss: declare "
-            f"`c.loss.{name} = 0.0` in configs/default.py (the config is locked, so every "
+            f"`c.loss.{name} = 0.0` in mlcnc_jax/configuration/_schema.py (the config is locked, so every "
             "weight must be declared there), then set it with --config.loss."
             f"{name}=WEIGHT."
         )

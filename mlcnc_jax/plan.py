@@ -37,14 +37,14 @@ def make_plan(config: ml_collections.ConfigDict, train_labels: np.ndarray, num_t
     Returns:
       A JSON-able dict (see the keys below).
     """
-    from mlcnc_jax import budget
-    from mlcnc_jax.state import make_schedule
+    from mlcnc_jax import budget, state
 
-    schedule = make_schedule(config, train_labels)
+    # The run's step counts (steps per epoch, total, warm-up), as the training loop takes them.
+    counts = state.step_counts(config, train_labels)
     t = config.train
     batch = int(t.batch_size)
-    total = schedule.total_steps
-    eval_every = max(1, int(t.eval_every_epochs) * schedule.steps_per_epoch)
+    total = counts.total_steps
+    eval_every = max(1, int(t.eval_every_epochs) * counts.steps_per_epoch)
     evaluations = total // eval_every + (1 if total % eval_every else 0)
     images_seen = total * batch
     eval_images = evaluations * 2 * int(num_test)
@@ -65,10 +65,10 @@ def make_plan(config: ml_collections.ConfigDict, train_labels: np.ndarray, num_t
         "test_images": int(num_test),
         "sampling": config.data.sampling,
         "batch_size": batch,
-        "steps_per_epoch": schedule.steps_per_epoch,
+        "steps_per_epoch": counts.steps_per_epoch,
         "epochs": int(t.num_epochs),
         "total_steps": total,
-        "warmup_steps": schedule.warmup_steps,
+        "warmup_steps": counts.warmup_steps,
         # torch's OneCycleLR: the peak at step pct_start * T - 1 (0-based).
         "lr_peak_step": (
             max(0.0, t.warmup_fraction * total - 1.0) if t.schedule == "one_cycle" else None
@@ -90,9 +90,10 @@ def make_plan(config: ml_collections.ConfigDict, train_labels: np.ndarray, num_t
 
 
 def _recipe_changes(config: ml_collections.ConfigDict) -> dict:
-    from configs import recipes  # the recipe tables live with the config files
+    from mlcnc_jax import configuration
 
-    return {k: {"recipe": a, "config": b} for k, (a, b) in recipes.differences(config).items()}
+    differences = configuration.recipe_differences(config)
+    return {k: {"recipe": a, "config": b} for k, (a, b) in differences.items()}
 
 
 def format_plan(p: dict) -> str:

@@ -14,7 +14,7 @@ from PIL import Image
 from test_cli import run_py
 
 from configs import default
-from mlcnc_jax import run_config
+from mlcnc_jax import configuration
 
 TINY = [
     "--config=configs/default.py",
@@ -57,7 +57,7 @@ def _trained_config(workdir):
     # What a training run saves first: config.json (eval and predict start from it).
     c = default.get_config()
     c.data.image_size, c.data.resize_size = 32, 36
-    run_config.save_config(str(workdir), c)
+    configuration.save_config(str(workdir), c)
     return workdir
 
 

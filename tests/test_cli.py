@@ -94,7 +94,7 @@ def test_benchmark_config_fails_at_once_without_data(tmp_path):
 def test_which_errors_are_the_users():
     import errno
 
-    from mlcnc_jax import cli, config_checks
+    from mlcnc_jax import cli, configuration
     from mlcnc_jax.errors import UserError
     from mlcnc_jax.models import text_classifier
 
@@ -104,7 +104,7 @@ def test_which_errors_are_the_users():
         "/runs/a/eval_4.json: No space left on device (free some space, or choose another "
         "--workdir; the run resumes from its last checkpoint)"
     )
-    assert cli.is_user_error(config_checks.InvalidConfigError("x"))
+    assert cli.is_user_error(configuration.InvalidConfigError("x"))
     assert cli.is_user_error(UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid"))
     # A ValueError raised while reading the user's text embeddings is about them...
     try:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from test_recipes import _tree
 
-from configs import ablations, coco_lt, coco_lt_clip, recipes, voc_lt, voc_lt_clip
-from mlcnc_jax import backbone_weights, checkpoint, cli, config_checks, models, optim
+from configs import ablations, coco_lt, coco_lt_clip, voc_lt, voc_lt_clip
+from mlcnc_jax import backbone_weights, checkpoint, cli, configuration, models, optim
 from mlcnc_jax.models import clip, vit
 from mlcnc_jax.state import initial_train_state
 
@@ -156,19 +156,19 @@ def _fields(config):
 # ------------------------------------------------------------------ the configs
 
 
-@pytest.mark.parametrize("recipe", recipes.RECIPES)
+@pytest.mark.parametrize("recipe", configuration.RECIPES)
 @pytest.mark.parametrize(
     "module,base,name", [(voc_lt_clip, voc_lt, "voc_lt"), (coco_lt_clip, coco_lt, "coco_lt")]
 )
 def test_clip_configs_change_only_the_backbone_and_its_optimizer(module, base, name, recipe):
     c, ref = module.get_config(recipe), base.get_config(recipe)
-    config_checks.validate(c)
+    configuration.validate(c)
     changed = {k for k, v in _fields(c).items() if v != _fields(ref)[k]}
     assert changed <= set(voc_lt_clip.CLIP) | {"model.class_prompts"}
     assert {k: _fields(c)[k] for k in voc_lt_clip.CLIP} == voc_lt_clip.CLIP
     # The recipe's head and losses; the optimizer is the one announced departure from it.
     assert c.recipe == recipe and c.data.name == name
-    assert recipes.differences(c) == {
+    assert configuration.recipe_differences(c) == {
         "train.optimizer": ("adam", "adamw"),
         "train.weight_decay": (1e-4, 0.05),
     }
@@ -182,7 +182,7 @@ def test_clip_configs_change_only_the_backbone_and_its_optimizer(module, base, n
     assert (c.model.text_embeddings, c.model.text_weights) == ("", "")
     assert c.model.class_prompts == ("a photo of a {}.",)
     c.model.classifier = "text"  # the language geometry instead of the ETF's: one field
-    config_checks.validate(c)
+    configuration.validate(c)
 
 
 def test_ablations_take_a_clip_base():
@@ -190,7 +190,7 @@ def test_ablations_take_a_clip_base():
     assert (c.model.backbone, c.loss.fpc, c.train.optimizer) == ("clip_vit_b16", 0.0, "adamw")
     b = ablations.get_config("bce_uniform,coco_lt_clip")
     assert (b.model.name, b.data.name, b.model.backbone) == ("baseline", "coco_lt", "clip_vit_b16")
-    config_checks.validate(b)
+    configuration.validate(b)
 
 
 def test_the_clip_optimizer_builds_on_vit_b16_with_its_head():
@@ -319,7 +319,7 @@ def test_coco_lt_clip_trains_end_to_end_frozen_with_the_text_classifier_from_cla
     config.train.backbone_lr_multiplier = 0.0  # a frozen CLIP
     config.model.classifier = "text"  # the class names: nothing else is given
     config.model.text_weights = str(text_weights)
-    config_checks.validate(config)
+    configuration.validate(config)
     work = tmp_path / "work"
     _assert_trained(cli.run(config, str(work), "train"), work, test_images=5)
     saved = checkpoint.Checkpointer(str(work), {}).restore_variables(check=False)

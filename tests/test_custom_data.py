@@ -207,6 +207,6 @@ def test_split_file_is_for_own_data_only():
     c = default.get_config()
     c.data.train_split_file = "lt.json"
     with pytest.raises(ValueError, match="only coco_json and csv data take a split file"):
-        from mlcnc_jax import config_checks
+        from mlcnc_jax import configuration
 
-        config_checks.validate(c)
+        configuration.validate(c)

@@ -44,7 +44,7 @@ def _tiny(c):
 
 def test_a_new_loss_and_backbone_train_through_the_config(registered, tmp_path):
     c = _tiny(default.get_config())
-    # The loss's weight, declared in configs/default.py (here: in the test).
+    # The loss's weight, declared in configuration/_schema.py (here: in the test).
     with c.unlocked():
         c.loss.mean_logit = 0.0
     c.loss.mean_logit = 0.5
@@ -64,7 +64,7 @@ def test_a_new_loss_and_backbone_train_through_the_config(registered, tmp_path):
 
 def test_a_loss_without_a_config_weight_is_refused_naming_the_fix(registered):
     c = default.get_config()
-    with pytest.raises(ValueError, match=r"c\.loss\.mean_logit = 0\.0.*configs/default\.py"):
+    with pytest.raises(ValueError, match=r"c\.loss\.mean_logit = 0\.0.*configuration/_schema\.py"):
         objective.make_objective(c.loss, objective.ClassStats(np.ones(3), 4))
 
 

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from configs import default, voc_lt
-from mlcnc_jax import config_checks, models, objective, optim, step
+from mlcnc_jax import configuration, models, objective, optim, step
 from mlcnc_jax.models.families import get_family
 from mlcnc_jax.models.vit import ViT
 from mlcnc_jax.state import initial_train_state
@@ -105,7 +105,7 @@ def test_layer_decay_multipliers_of_a_vit_tree():
 def test_layer_decay_needs_transformer_blocks():
     c = default.get_config()  # resnet_small
     c.train.layer_decay = 0.7
-    found = config_checks.problems(c)
+    found = configuration.problems(c)
     assert len(found) == 1 and "a ResNet has none" in found[0]
     # A backbone the config check cannot know (registered, no blocks): the optimizer says so.
     tx, _ = optim.create_optimizer(c, total_steps=10)
@@ -123,7 +123,7 @@ def test_layer_decay_needs_transformer_blocks():
         bad = default.get_config()
         bad.train[field] = value
         assert any(
-            f"config.train.{field} = " in p and words in p for p in config_checks.problems(bad)
+            f"config.train.{field} = " in p and words in p for p in configuration.problems(bad)
         )
 
 

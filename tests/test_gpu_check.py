@@ -116,7 +116,7 @@ def test_the_run_takes_exactly_the_asked_steps_and_warm_up(
     args = gpu_train_check.parser().parse_args(
         ["--model", model, "--steps", str(steps), "--warmup_steps", str(warmup)]
     )
-    config = gpu_train_check.run_config(args, num_train=1104)
+    config = gpu_train_check.experiment_config(args, num_train=1104)
     counts = step_counts(config, np.zeros((1104, 3), np.uint8))
     assert counts.steps_per_epoch == epoch
     assert counts.total_steps == steps and counts.warmup_steps == warmup_steps

@@ -12,15 +12,15 @@ import zipfile
 import pytest
 from absl import flags
 
-from mlcnc_jax import cli, config_files
-from mlcnc_jax.run_config import ResumeOptions
+from mlcnc_jax import cli, configuration
+from mlcnc_jax.configuration import ResumeOptions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
 def test_builtin_configs_are_the_files_of_the_configs_package():
-    names = config_files.builtin_configs()
+    names = configuration.builtin_configs()
     expected = sorted(p.stem for p in CONFIGS.glob("*.py") if not p.name.startswith("_"))
     assert names == expected
     assert {"default", "coco_lt", "voc_lt", "ablations"} <= set(names)
@@ -40,37 +40,39 @@ def test_config_names_resolve_to_the_builtin_files_from_any_directory(
     value, expected, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)  # nothing named like a config here
-    assert config_files.resolve_config(value) == str(CONFIGS / expected)
+    assert configuration.resolve_config(value) == str(CONFIGS / expected)
 
 
 def test_existing_config_files_are_used_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert config_files.resolve_config("configs/default.py") == "configs/default.py"
-    assert config_files.resolve_config("configs/ablations.py:focal") == "configs/ablations.py:focal"
+    assert configuration.resolve_config("configs/default.py") == "configs/default.py"
+    assert (
+        configuration.resolve_config("configs/ablations.py:focal") == "configs/ablations.py:focal"
+    )
     # A user's file shadows a built-in name.
     own = tmp_path / "default.py"
     own.write_text("")
     monkeypatch.chdir(tmp_path)
-    assert config_files.resolve_config("default.py") == "default.py"
+    assert configuration.resolve_config("default.py") == "default.py"
 
 
 @pytest.mark.parametrize("value", ["no_such_config", "elsewhere/default.py", "/x/coco_lt.py:a"])
 def test_unknown_config_is_a_clear_error(value, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="built-in configs: ablations, coco_lt"):
-        config_files.resolve_config(value)
+        configuration.resolve_config(value)
 
 
 def test_resolve_config_argv_handles_both_flag_forms(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["mlcnc", "--config=coco_lt", "--config.data.root=/data", "--workdir=w"]
-    assert config_files.resolve_config_argv(argv) == [
+    assert configuration.resolve_config_argv(argv) == [
         "mlcnc",
         f"--config={CONFIGS / 'coco_lt.py'}",
         "--config.data.root=/data",
         "--workdir=w",
     ]
-    assert config_files.resolve_config_argv(["mlcnc", "--config", "voc_lt"])[2] == str(
+    assert configuration.resolve_config_argv(["mlcnc", "--config", "voc_lt"])[2] == str(
         CONFIGS / "voc_lt.py"
     )
 
@@ -95,7 +97,7 @@ def test_flags_reach_run(tmp_path, monkeypatch):
         "--allow_config_change=train.num_epochs,seed",
         "--force_unlock",
     ]
-    argv = config_files.resolve_config_argv(argv)
+    argv = configuration.resolve_config_argv(argv)
     monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
     try:
         rest = flags.FLAGS(argv)

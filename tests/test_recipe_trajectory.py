@@ -1,4 +1,4 @@
-"""The two recipes of configs/recipes.py, step by step against an independent PyTorch run.
+"""The two recipes of configuration/_recipes.py, step by step against an independent PyTorch run.
 
 The PyTorch side below is written from docs/method.md (§1-§2 for the model and losses, §6
 for what the reference code does): a linear 'backbone' on 2x2 patches, token embedding

@@ -14,8 +14,8 @@ import optax
 import pytest
 from PIL import Image
 
-from configs import ablations, coco_lt, default, recipes, voc_lt
-from mlcnc_jax import cli, optim, plan, reports
+from configs import ablations, coco_lt, default, voc_lt
+from mlcnc_jax import cli, configuration, optim, plan, reports
 from mlcnc_jax.data import voc
 from mlcnc_jax.models.mlcnc import MLCNC
 
@@ -234,7 +234,7 @@ def test_recipes_differ_only_in_their_fields():
             "loss.fpc",
             "loss.prototypes",
         }
-        assert recipes.differences(ref) == recipes.differences(pap) == {}
+        assert configuration.recipe_differences(ref) == configuration.recipe_differences(pap) == {}
         assert (ref.model.classifier, ref.loss.fpc, ref.loss.prototypes) == (
             "etf_trainable",
             0.1,
@@ -250,9 +250,12 @@ def test_recipes_differ_only_in_their_fields():
             assert c.train.ema_decay == 0.9997 and c.loss.warmup_epochs == 5
     ref = voc_lt.get_config()
     ref.loss.fpc = 0.2  # a one-field ablation is visible as such
-    assert recipes.differences(ref) == {"loss.fpc": (0.1, 0.2)}
+    assert configuration.recipe_differences(ref) == {"loss.fpc": (0.1, 0.2)}
     assert ablations.get_config("no_fpc,voc_lt").recipe == "reference"
-    assert default.get_config().recipe == "none" and recipes.differences(default.get_config()) == {}
+    assert (
+        default.get_config().recipe == "none"
+        and configuration.recipe_differences(default.get_config()) == {}
+    )
     with pytest.raises(ValueError, match="recipe"):
         voc_lt.get_config("papr")
 

@@ -9,8 +9,8 @@ import pytest
 from test_train import StopAfter, stop_after, tiny_config
 
 from configs import default
-from mlcnc_jax import checkpoint, checkpoint_health, cli, config_checks, run_config, workdir_lock
-from mlcnc_jax.run_config import ResumeOptions
+from mlcnc_jax import checkpoint, checkpoint_health, cli, configuration, workdir_lock
+from mlcnc_jax.configuration import ResumeOptions
 
 
 def _config(data_root, **overrides):
@@ -35,7 +35,7 @@ def test_resume_reports_a_lost_evaluation_and_checks_the_config(data_root, tmp_p
 
     # A resume with another learning rate or seed is refused, naming each field and the flag.
     changed = _config(data_root, **{"train.learning_rate": 5e-3, "seed": 7})
-    with pytest.raises(run_config.ConfigChangedError) as refused:
+    with pytest.raises(configuration.ConfigChangedError) as refused:
         cli.run(changed, str(work), "train")
     message = str(refused.value)
     assert "train.learning_rate: 0.001 (saved) -> 0.005 (now)" in message
@@ -52,7 +52,7 @@ def test_resume_reports_a_lost_evaluation_and_checks_the_config(data_root, tmp_p
 
     # Extending the run on purpose: allowed, recorded, and the saved config follows.
     longer = _config(data_root, **{"train.num_epochs": 3})
-    with pytest.raises(run_config.ConfigChangedError, match="train.num_epochs"):
+    with pytest.raises(configuration.ConfigChangedError, match="train.num_epochs"):
         cli.run(longer, str(work), "train")
     allow = ResumeOptions(allow_config_change=("train.num_epochs",))
     assert cli.run(longer, str(work), "train", resume=allow).final.step == 9
@@ -116,7 +116,7 @@ def test_a_busy_workdir_is_refused_at_once(data_root, tmp_path):
 )
 def test_bad_values_stop_the_run_before_any_data_is_read(tmp_path, key, value, words):
     config = _config(str(tmp_path / "data"), **{key: value})
-    with pytest.raises(config_checks.InvalidConfigError, match=words):
+    with pytest.raises(configuration.InvalidConfigError, match=words):
         cli.run(config, str(tmp_path / "run"), "train")
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "checkpoints").exists()
 

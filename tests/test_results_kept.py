@@ -12,10 +12,10 @@ from PIL import Image
 from test_reliability import _config
 
 from configs import default
-from mlcnc_jax import cli, config_checks, predict, reports, run_config, storage
+from mlcnc_jax import cli, configuration, predict, reports, storage
+from mlcnc_jax.configuration import ResumeOptions
 from mlcnc_jax.data import coco, custom, sources
 from mlcnc_jax.errors import UserError
-from mlcnc_jax.run_config import ResumeOptions
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_each_predict_keeps_the_earlier_predictions(tmp_path):
 
 def test_a_write_error_keeps_the_config_change_history(tmp_path, monkeypatch):
     c = default.get_config()
-    run_config.save_config(str(tmp_path), c)
+    configuration.save_config(str(tmp_path), c)
     history = tmp_path / "config_changes.jsonl"
     history.write_text('{"step": 100, "changes": {"train.num_epochs": {"saved": 5, "now": 10}}}\n')
     kept = history.read_text()
@@ -212,9 +212,9 @@ def test_a_write_error_keeps_the_config_change_history(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         _fail_writes(patch, "config_changes")
         with pytest.raises(OSError):
-            run_config.check_resume(str(tmp_path), c, ["train.num_epochs"], step=200)
+            configuration.check_resume(str(tmp_path), c, ["train.num_epochs"], step=200)
     assert history.read_text() == kept
-    run_config.check_resume(str(tmp_path), c, ["train.num_epochs"], step=200)
+    configuration.check_resume(str(tmp_path), c, ["train.num_epochs"], step=200)
     lines = history.read_text().splitlines()
     assert lines[0] == kept.strip() and json.loads(lines[1])["step"] == 200
 
@@ -235,22 +235,22 @@ def test_an_empty_workdir_is_refused(tmp_path, monkeypatch, workdir, data_root):
 
 def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_data(tmp_path):
     config = _config(str(tmp_path / "data"), **{"train.batch_size": 1_000_000_000})
-    with pytest.raises(config_checks.InvalidConfigError, match=r"train.batch_size = 1000000000"):
+    with pytest.raises(configuration.InvalidConfigError, match=r"train.batch_size = 1000000000"):
         cli.run(config, str(tmp_path / "run"), "train")
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
     # The estimate: 8 x 224 x 224 x 3 float32 values.
-    assert config_checks.batch_bytes(8, 224) == 8 * 224 * 224 * 3 * 4
+    assert configuration.batch_bytes(8, 224) == 8 * 224 * 224 * 3 * 4
 
 
 def test_a_warm_up_as_long_as_the_run_is_refused(tmp_path):
     config = _config(str(tmp_path), **{"loss.warmup_epochs": 2, "train.num_epochs": 2})
-    with pytest.raises(config_checks.InvalidConfigError, match="loss.warmup_epochs = 2"):
-        config_checks.validate(config)
+    with pytest.raises(configuration.InvalidConfigError, match="loss.warmup_epochs = 2"):
+        configuration.validate(config)
     config.loss.warmup_epochs = 1
-    config_checks.validate(config)
+    configuration.validate(config)
     config.model.name = "baseline"  # no FLA warm-up at all
     config.loss.warmup_epochs = 5
-    config_checks.validate(config)
+    configuration.validate(config)
 
 
 # 11 -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from flax import linen as nn
 
 from configs import default
-from mlcnc_jax import config_checks, models, objective, optim, step
+from mlcnc_jax import configuration, models, objective, optim, step
 from mlcnc_jax.etf import gram_frame, simplex_etf
 from mlcnc_jax.models.families import get_family
 from mlcnc_jax.models.vit import ViT
@@ -160,4 +160,4 @@ def test_wrong_text_embeddings_are_refused(tmp_path):
 
     # Without a path, the config check says so before anything is built.
     c.model.text_embeddings = ""
-    assert any("needs config.model.text_embeddings" in p for p in config_checks.problems(c))
+    assert any("needs config.model.text_embeddings" in p for p in configuration.problems(c))

@@ -78,15 +78,15 @@ def test_prediction_imports_no_training_module():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_config_checks_and_the_built_in_data_renderer_need_neither_tensorflow_nor_jax():
-    # config_checks takes the built-in data's names from synthetic_labels (numpy only), and
+def test_the_config_layer_and_the_built_in_data_renderer_need_neither_tensorflow_nor_jax():
+    # the config checks take the built-in data's names from synthetic_labels (numpy only), and
     # the images are drawn with numpy and PIL: TensorFlow is needed only to store them (tfds).
     proc = run_blocked(
         """
-        import mlcnc_jax.config_checks
+        import mlcnc_jax.configuration
 
         light = sorted(m for m in ("jax", "flax", "PIL", "tensorflow") if m in sys.modules)
-        assert not light, f"config_checks imported {light}"
+        assert not light, f"configuration imported {light}"
 
         from mlcnc_jax.data import synthetic_render
 

@@ -36,8 +36,8 @@ _CUSTOM = ("coco_json", "csv")
 def register_dataset(name: str, loader: DatasetLoader) -> DatasetLoader:
     """Registers `loader(config) -> MultiLabelDataset` as `config.data.name = name`.
 
-    The loader reads what it needs from `config.data` (new fields go in configs/default.py);
-    everything after it (image checks, validation carving, sampling, the input pipeline,
+    The loader reads what it needs from `config.data` (new fields go in the schema,
+    mlcnc_jax/configuration/_schema.py); everything after it (image checks, validation carving, sampling, the input pipeline,
     evaluation and reports) works on the record it returns. Usable as a decorator.
     """
     _LOADERS[name] = loader

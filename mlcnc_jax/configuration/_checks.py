@@ -10,9 +10,12 @@ that names every bad field with its allowed range, so a value that would crash l
 misspelt command-line override (`--config.train.bach_size=8`) into one line with the closest
 declared key.
 
-This module imports nothing heavy (no JAX, Flax or TensorFlow): the allowed values of the
-enumerated fields are declared here once, and a test keeps them equal to the tuples of the
-modules that consume them.
+This module imports nothing heavy (no JAX, Flax or TensorFlow). The names that a registry
+owns (datasets, backbones, loss terms and so their weights) are asked of the registry when a
+config is checked, so a new registration is checked like a built-in one; the backbone and
+loss registries import JAX then, never at import. The allowed values of the other enumerated
+fields are declared here once, and a test keeps them equal to the tuples of the modules that
+consume them.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import difflib
 import numbers
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
 
+from mlcnc_jax.configuration._schema import default_config
 from mlcnc_jax.data.synthetic_labels import SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_SPLITS
 from mlcnc_jax.errors import UserError
 
@@ -33,7 +37,6 @@ from mlcnc_jax.errors import UserError
 # match the modules that use them).
 IMAGE_SOURCES = ("files", "tfds")
 SAMPLINGS = ("class_aware", "uniform")
-MODEL_NAMES = ("mlcnc", "baseline")
 ATTENTIONS = ("mha", "cosine")
 CLASSIFIERS = ("etf", "etf_trainable", "linear", "text")
 DTYPES = ("float32", "bfloat16")
@@ -41,20 +44,9 @@ PARALLEL = ("jit", "pmap")
 PROTOTYPES = ("previous_epoch", "cumulative")
 SCHEDULES = ("one_cycle", "constant")
 OPTIMIZERS = ("adam", "adamw")
-# The built-in backbones without transformer blocks, which train.layer_decay cannot apply to.
-RESNET_BACKBONES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet_small",
-    "resnet_small_s2",
-)
-# Weights of the loss terms (config.loss); a weight of 0 switches its term off.
-LOSS_WEIGHTS = ("two_way", "bce", "focal", "asl", "db", "fla", "fpc")
 
 # Where the schema is declared, for the messages.
-SCHEMA_FILE = "configs/default.py"
+SCHEMA_FILE = "mlcnc_jax/configuration/_schema.py"
 
 
 def _is_int(v: Any) -> bool:
@@ -78,7 +70,11 @@ def _one_of(values: Sequence[str]) -> tuple[Callable[[Any], bool], str]:
 
 
 class _Registered:
-    """The names a registry holds when a config is checked (registrations may come later)."""
+    """The names a registry holds when a config is checked (registrations may come later).
+
+    The registry is asked only when a value is checked, so this module stays light even
+    where the registry's module imports JAX.
+    """
 
     def __init__(self, names: Callable[[], Sequence[str]], adds: str):
         self.names, self.adds = names, adds
@@ -96,7 +92,51 @@ def _dataset_names() -> tuple[str, ...]:
     return sources.dataset_names()
 
 
+def _backbone_names() -> tuple[str, ...]:
+    from mlcnc_jax import models  # imports JAX and Flax: only when a config is checked
+
+    return models.backbone_names()
+
+
+def _family_names() -> tuple[str, ...]:
+    from mlcnc_jax.models import families  # imports JAX and Flax: only when a config is checked
+
+    return families.family_names()
+
+
+def _uses_warmup(name: str) -> bool:
+    # A family without the FLA-only warm-up ignores loss.warmup_epochs (an unknown name is
+    # the model.name rule's to report).
+    from mlcnc_jax.models import families
+
+    return name in families.family_names() and families.get_family(name).uses_warmup
+
+
+def _resnet_backbones() -> tuple[str, ...]:
+    # The built-in backbones without transformer blocks, which train.layer_decay cannot
+    # apply to (models/resnet.py registers them).
+    from mlcnc_jax.models import resnet  # imports JAX and Flax: only when layer decay is on
+
+    return resnet.BACKBONES
+
+
+def loss_weight_names() -> tuple[str, ...]:
+    """The registered loss terms, in registration order: each one's weight is `config.loss.<name>`.
+
+    Asks the loss registry (`objective.register_loss`), which imports JAX on the first call.
+    """
+    from mlcnc_jax import objective
+
+    return tuple(objective.TERMS)
+
+
 _DATASETS = _Registered(_dataset_names, "data.sources.register_dataset")
+_BACKBONES = _Registered(_backbone_names, "models.register_backbone")
+_FAMILIES = _Registered(_family_names, "models.register_family")
+
+# Stands for one rule per registered loss term, on its weight `loss.<name>` (see `_rules`): a
+# weight of 0 switches its term off.
+_LOSS_WEIGHT = "loss.<registered loss term>"
 
 
 # field -> (test, allowed range in words). Fields not listed here (paths, seeds, booleans)
@@ -116,16 +156,17 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.resize_size": _int_at_least(1),
     "data.crop_padding": _int_at_least(0),
     "data.crop_min_area": _real(lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
-    "model.name": _one_of(MODEL_NAMES),
+    "model.name": (_FAMILIES, _FAMILIES),
     "model.attention": _one_of(ATTENTIONS),
     "model.classifier": _one_of(CLASSIFIERS),
+    "model.backbone": (_BACKBONES, _BACKBONES),
     "model.embed_dim": _int_at_least(1),
     "model.proj_dim": _int_at_least(1),
     "model.num_heads": _int_at_least(1),
     "model.attention_dropout": _real(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "model.alpha": _real(lambda v: v > 0, "a number > 0"),
     "model.logit_scale_init": _real(lambda v: v > 0, "a number > 0"),
-    **{f"loss.{w}": _real(lambda v: v >= 0, "a number >= 0") for w in LOSS_WEIGHTS},
+    _LOSS_WEIGHT: _real(lambda v: v >= 0, "a number >= 0"),
     "loss.two_way_tp": _real(lambda v: v > 0, "a number > 0 (a temperature)"),
     "loss.two_way_tn": _real(lambda v: v > 0, "a number > 0 (a temperature)"),
     "loss.fpc_tau": _real(lambda v: v > 0, "a number > 0 (a temperature)"),
@@ -155,6 +196,15 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.max_images": _int_at_least(0),
     "predict.threshold": _real(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
 }
+
+
+def _rules() -> Iterator[tuple[str, tuple[Callable[[Any], bool], Any]]]:
+    """(field, rule) of `_RULES`, the loss-weight rule once per registered loss term."""
+    for key, rule in _RULES.items():
+        if key == _LOSS_WEIGHT:
+            yield from ((f"loss.{name}", rule) for name in loss_weight_names())
+        else:
+            yield key, rule
 
 
 def flatten_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -195,7 +245,7 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     """Every problem of `config`, one sentence each (none: an empty list); see `validate`.
 
     Args:
-      config: the experiment config (schema in configs/default.py).
+      config: the experiment config (schema: `default_config`).
       num_devices: the number of devices of the run (jax.device_count(), all hosts), to check
         that the batches divide among them; None skips that check.
 
@@ -203,7 +253,7 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       One line per bad field: its name, its value and its allowed range.
     """
     found, bad = [], set()
-    for key, (test, allowed) in _RULES.items():
+    for key, (test, allowed) in _rules():
         if not _has(config, key):  # a config of another schema version: nothing to check
             continue
         value = _get(config, key)
@@ -268,7 +318,7 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
     check(
         ("train.layer_decay", "model.backbone"),
-        lambda decay, backbone: decay == 1.0 or backbone not in RESNET_BACKBONES,
+        lambda decay, backbone: decay == 1.0 or backbone not in _resnet_backbones(),
         "config.train.layer_decay = {0!r} with config.model.backbone = {1!r}: layer decay "
         "scales the lr per transformer block, and a ResNet has none (use a ViT / CLIP "
         "backbone or train.layer_decay=1.0)",
@@ -297,7 +347,7 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
     check(
         ("model.name", "loss.warmup_epochs", "train.num_epochs"),
-        lambda name, warmup, epochs: name != "mlcnc" or warmup < epochs,
+        lambda name, warmup, epochs: warmup < epochs or not _uses_warmup(name),
         "config.loss.warmup_epochs = {1!r} and config.train.num_epochs = {2!r}: the FLA "
         "warm-up would fill the whole run (no step would train the full objective); use "
         "loss.warmup_epochs < train.num_epochs (0: no warm-up)",
@@ -320,12 +370,15 @@ def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                 f"config.{key} = {{0!r}}: must be a multiple of the {num_devices} devices (every "
                 "device gets an equal share of each batch)",
             )
-    weights = [f"loss.{w}" for w in LOSS_WEIGHTS]
-    check(
-        weights,
-        lambda *w: any(v > 0 for v in w),
-        "config.loss weights are all 0: set at least one of " + ", ".join(weights) + " above 0",
-    )
+    # The declared weights of the registered terms (a term without one is refused, naming the
+    # fix, when the objective is built).
+    weights = [f"loss.{w}" for w in loss_weight_names() if _has(config, f"loss.{w}")]
+    if weights:
+        check(
+            weights,
+            lambda *w: any(v > 0 for v in w),
+            "config.loss weights are all 0: set at least one of " + ", ".join(weights) + " above 0",
+        )
     return found
 
 
@@ -350,7 +403,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     """Checks every field of `config` at once, before any data is loaded.
 
     Args:
-      config: the experiment config (schema in configs/default.py).
+      config: the experiment config (schema: `default_config`).
       num_devices: the number of devices of the run (all hosts), to check that the batches
         divide among them; None skips that check.
 
@@ -416,12 +469,6 @@ def unknown_overrides(
     return unknown
 
 
-def _default_config() -> ml_collections.ConfigDict:
-    from configs import default  # the whole schema is declared there
-
-    return default.get_config()
-
-
 def format_config_error(
     exc: BaseException,
     config: ml_collections.ConfigDict | None = None,
@@ -436,19 +483,20 @@ def format_config_error(
 
     Args:
       exc: the exception raised while parsing the flags.
-      config: the config whose keys are valid (default: configs/default.py, which declares
+      config: the config whose keys are valid (default: `default_config()`, which declares
         every field).
       argv: the command line (default: sys.argv).
 
     Returns:
       E.g. "unknown config field 'train.bach_size' (--config.train.bach_size=8): did you mean
-      --config.train.batch_size? Every field is declared in configs/default.py.", or None when
+      --config.train.batch_size? Every field is declared in
+      mlcnc_jax/configuration/_schema.py.", or None when
       `exc` is not about an unknown config key (re-raise it then).
     """
     if not isinstance(exc, KeyError | AttributeError):
         return None
     if config is None:
-        config = _default_config()
+        config = default_config()
     argv = list(sys.argv if argv is None else argv)
     unknown = unknown_overrides(argv, config)
     if not unknown:

@@ -1,7 +1,8 @@
 """Where --config finds its file: a path, or the name of a built-in config.
 
 The built-in configs are the files of the `configs` package (the checkout's, or the
-installed one), so `mlcnc --config=coco_lt` works from any directory.
+installed one), so `mlcnc --config=coco_lt` works from any directory. They are found as
+files (`importlib.util.find_spec` imports nothing); the library never imports them.
 """
 
 from __future__ import annotations

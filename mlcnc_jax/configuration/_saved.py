@@ -27,6 +27,8 @@ from absl import logging
 from etils import epath
 
 from mlcnc_jax import storage
+from mlcnc_jax.configuration._checks import flatten_keys, suggest_key
+from mlcnc_jax.configuration._schema import default_config
 from mlcnc_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -177,15 +179,14 @@ def compare_for_resume(
 
     Returns:
       [(field, saved value, current value)], sorted by field; a field the saved config lacks
-      counts with its default value (configs/default.py), one the schema lacks as '<absent>'. Fields of `NOT_COMPARED` and of `allow` are left out.
+      counts with its default value (`default_config`), one the schema lacks as '<absent>'.
+      Fields of `NOT_COMPARED` and of `allow` are left out.
     """
     old = _flatten(saved["config"])
     new = _flatten(_jsonable(current))
     old_paths = saved.get("absolute_paths", {})
-    from configs import default  # the whole schema is declared there
-
     # A field added to the schema after the config was saved ran with its default value.
-    defaults = _flatten(_jsonable(default.get_config()))
+    defaults = _flatten(_jsonable(default_config()))
     diffs = []
     for key in sorted(set(old) | set(new)):
         if _matches(key, NOT_COMPARED) or _matches(key, allow):
@@ -202,14 +203,12 @@ def compare_for_resume(
 
 
 def _check_allow(allow: Sequence[str], current: ml_collections.ConfigDict) -> None:
-    from mlcnc_jax import config_checks  # light: no JAX, no TensorFlow
-
-    keys = config_checks.flatten_keys(current)
+    keys = flatten_keys(current)
     for field in allow:
         if field.endswith(".") and any(k.startswith(field) for k in keys):
             continue
         if field not in keys:
-            hint = config_checks.suggest_key(field, current)
+            hint = suggest_key(field, current)
             raise UserError(
                 f"{ALLOW_FLAG}: {field!r} is not a config field"
                 + (f"; did you mean {hint!r}?" if hint else "")
@@ -291,7 +290,7 @@ def check_resume(
 
 
 def config_from_record(record: Mapping) -> ml_collections.ConfigDict:
-    """A locked config of the full schema (configs/default.py) with the saved values.
+    """A locked config of the full schema (`default_config`) with the saved values.
 
     Args:
       record: the record of `load_saved`.
@@ -299,9 +298,7 @@ def config_from_record(record: Mapping) -> ml_collections.ConfigDict:
     Returns:
       The config; saved fields the schema no longer declares are dropped with a warning.
     """
-    from configs import default  # the whole schema is declared there
-
-    config = default.get_config()
+    config = default_config()
     for key, value in _flatten(record["config"]).items():
         section, _, leaf = key.rpartition(".")
         holder = config
