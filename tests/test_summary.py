@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from mlcnc_jax import reports
@@ -53,3 +54,33 @@ def test_summary_is_read_from_the_workdir_reports(tmp_path):
     assert reports.read_summary(str(tmp_path)) == written
     assert written["best_raw_on_test"]["step"] == 10 and written["best_ema_on_test"]["step"] == 5
     assert reports.read_summary(str(tmp_path / "elsewhere")) is None
+
+
+def test_the_run_result_prints_the_final_scores_and_the_best_only_when_chosen():
+    import json
+    import math
+
+    from mlcnc_jax.results import Evaluation, GroupMAP, RunResult, Scores
+
+    scores = Scores(
+        map=GroupMAP(total=60.0, head=70.0, medium=65.0, tail=math.nan),
+        ap=np.array([0.5, 0.7]),
+        neural_collapse={"nc1": 1.5},
+    )
+    final = Evaluation(step=8, raw=scores, ema=scores, num_images_scored=2, num_images_expected=2)
+    best = {"step": 4, "map_raw": {"total": 61.0, "head": 1.0, "medium": 2.0, "tail": None}}
+    summary = {"num_evaluations": 2, "best_raw_on_test": best}
+    result = RunResult.from_summary(final, summary)
+    assert result.best_raw_on_test.step == 4 and result.best_raw_on_test.map_raw.total == 61.0
+    line = json.loads(result.summary_line())
+    assert line["step"] == 8 and line["map_raw"]["tail"] is None  # strict JSON: NaN -> null
+    assert list(line["map_raw"]) == ["total", "head", "medium", "tail"]
+    assert line["best_raw_on_test"] == best and line["neural_collapse"] == {"nc1": 1.5}
+    # One evaluation, or a best without a score: nothing to choose between.
+    assert RunResult.from_summary(final, {**summary, "num_evaluations": 1}).best_raw_on_test is None
+    unscored = {
+        "num_evaluations": 3,
+        "best_raw_on_test": {**best, "map_raw": {**best["map_raw"], "total": None}},
+    }
+    assert RunResult.from_summary(final, unscored).best_raw_on_test is None
+    assert "best_raw_on_test" not in json.loads(RunResult.from_summary(final, None).summary_line())
