@@ -103,7 +103,7 @@ def create_model(
     """Builds the model described by `config.model` and `config.dtype`.
 
     Args:
-        config: project config (schema in configs/default.py).
+        config: project config (schema in mlcnc_jax/configuration/_schema.py).
         num_classes: K.
         axis_name: device axis for BatchNorm statistics under jax.pmap, or None.
         backbone: a module mapping (images, train) to tokens [B, N, C], used instead of
