@@ -26,7 +26,12 @@ _HOLDER = textwrap.dedent(
         print("REFUSED", e, flush=True)
         sys.exit(3)
     print("HELD", flush=True)
-    time.sleep(float(sys.argv[2]))
+    # Short sleeps, as a run's main thread is never long in one call: a signal that the
+    # kernel hands to another thread reaches the Python handler only when the main
+    # thread next checks, and one long sleep would put that off to its end.
+    end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < end:
+        time.sleep(0.05)
     """
 )
 
