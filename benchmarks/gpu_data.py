@@ -1,9 +1,9 @@
 """In-memory datasets for the benchmarks, without TensorFlow: the GPU check's and random ones.
 
-`make_data` renders synthetic_lt as JPEG bytes in an .npz where the project's data
-dependencies are installed; `load_data` decodes it with Pillow into a `MultiLabelDataset`
-whose splits hold uint8 pixels (batched by numpy: `mlcnc_jax.data.feeds`); `random_data`
-holds random pixels (a smoke run without the file, the timing benchmarks).
+`make_data` renders synthetic_lt (numpy and Pillow) as JPEG bytes in an .npz; `load_data`
+decodes it with Pillow into a `MultiLabelDataset` whose splits hold uint8 pixels (batched
+by numpy: `mlcnc_jax.data.feeds`); `random_data` holds random pixels (a smoke run without
+the file, the timing benchmarks).
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ def make_data(path: str, image_size: int = 224, num_test: int = 800, quality: in
     """
     from PIL import Image
 
-    from mlcnc_jax.data import synthetic  # imports TensorFlow: only here, never on the GPU
+    from mlcnc_jax.data import synthetic_labels, synthetic_render  # numpy, Pillow: no TensorFlow
 
     arrays = {}
     for split, limit in (("train", None), ("test", num_test)):
         blobs, labels = [], []
-        for i, (_, png, row) in enumerate(synthetic.generate("target", image_size, 0, split)):
+        for i, (_, png, row) in enumerate(
+            synthetic_render.generate("target", image_size, 0, split)
+        ):
             if limit is not None and i >= limit:
                 break
             buf = io.BytesIO()
@@ -44,7 +46,7 @@ def make_data(path: str, image_size: int = 224, num_test: int = 800, quality: in
     np.savez(
         path,
         **arrays,
-        class_names=np.array(synthetic.CLASS_SETS["target"]),
+        class_names=np.array(synthetic_labels.CLASS_SETS["target"]),
         image_size=np.int64(image_size),
         head_min=np.int64(HEAD_MIN),
         tail_max=np.int64(TAIL_MAX),

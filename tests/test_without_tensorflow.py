@@ -95,6 +95,15 @@ def test_the_config_layer_and_the_built_in_data_renderer_need_neither_tensorflow
         assert key == "test_00005" and png[:4] == b"\\x89PNG" and row.sum() >= 1
         heavy = sorted(m for m in ("jax", "flax", "tensorflow") if sys.modules.get(m))
         assert not heavy, f"synthetic_render imported {heavy}"
+
+        # The GPU check's data file is made the same way, on any host.
+        import os, tempfile
+        from benchmarks import gpu_data
+
+        path = os.path.join(tempfile.mkdtemp(), "d.npz")
+        gpu_data.make_data(path, image_size=16, num_test=4)
+        data = gpu_data.load_data(path, 16)
+        assert data.train.images.shape == (1104, 16, 16, 3) and len(data.test) == 4
         """
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
