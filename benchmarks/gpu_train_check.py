@@ -1,8 +1,8 @@
 """Trains MLC-NC on `synthetic_lt` from in-memory pixels: the GPU end-to-end check.
 
 GPU hosts may lack TensorFlow, so this check never imports it: the images come from an
-.npz of JPEG bytes rendered beforehand (`--make_data`, where the project's data
-dependencies are installed) and decoded once with Pillow (benchmarks/gpu_data.py). The
+.npz of JPEG bytes rendered beforehand (`--make_data`, numpy and Pillow) and decoded once
+with Pillow (benchmarks/gpu_data.py). The
 run is the library's own (`experiment.build` on that in-memory dataset: sampler, model,
 objective, Trainer, Evaluator). It reports images/s, step and compile time, peak memory
 and the MFU against the bf16 dense peak (--peak_tflops). It passes when the total loss
